@@ -1,0 +1,200 @@
+"""One decoder for Qwen2, Qwen3 and Llama, as pure functions over a params pytree.
+
+Params (a nested dict; per-layer weights are stacked along a leading layer axis `l`, so the decoder can run as one
+`lax.scan` and one partition rule covers all layers):
+
+    embed/embedding                 [v, d]
+    layers/input_norm/scale         [l, d]
+    layers/attn/{q,k,v}_proj/kernel [l, d, n|k, h]      layers/attn/{q,k,v}_proj/bias  [l, n|k, h]   (qkv_bias)
+    layers/attn/o_proj/kernel       [l, n, h, d]
+    layers/attn/{q,k}_norm/scale    [l, h]                                                           (qk_norm)
+    layers/post_attn_norm/scale     [l, d]
+    layers/mlp/{gate,up}_proj/kernel [l, d, f]          layers/mlp/down_proj/kernel    [l, f, d]
+    final_norm/scale                [d]
+    lm_head/kernel                  [d, v]                                                           (untied only)
+
+The KV cache is an explicit pytree (`KVCache`) passed in and returned; nothing is hidden in mutable state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from bcr_jax.models import layers
+from bcr_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer for a fixed number of slots, filled left to right.
+
+    `valid[b, s]` marks slots that hold a real token (False for left padding), so ragged prompts share one write
+    index: slot `index` is the next one written for every row.
+    """
+
+    k: jax.Array  # [l, b, s, k, h]
+    v: jax.Array  # [l, b, s, k, h]
+    valid: jax.Array  # [b, s] bool
+    index: jax.Array  # [] int32
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch_size: int, num_slots: int, dtype=None) -> "KVCache":
+        shape = (cfg.num_layers, batch_size, num_slots, cfg.num_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.jnp_dtype
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch_size, num_slots), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[2]
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The params pytree as `jax.ShapeDtypeStruct`s: the single source of truth for names and shapes."""
+    d, f, v, l = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def s(*shape):
+        return jax.ShapeDtypeStruct(shape, cfg.jnp_dtype)
+
+    attn = {
+        "q_proj": {"kernel": s(l, d, n, h)},
+        "k_proj": {"kernel": s(l, d, k, h)},
+        "v_proj": {"kernel": s(l, d, k, h)},
+        "o_proj": {"kernel": s(l, n, h, d)},
+    }
+    if cfg.qkv_bias:
+        attn["q_proj"]["bias"], attn["k_proj"]["bias"], attn["v_proj"]["bias"] = s(l, n, h), s(l, k, h), s(l, k, h)
+    if cfg.qk_norm:
+        attn["q_norm"], attn["k_norm"] = {"scale": s(l, h)}, {"scale": s(l, h)}
+    params = {
+        "embed": {"embedding": s(v, d)},
+        "layers": {
+            "input_norm": {"scale": s(l, d)},
+            "attn": attn,
+            "post_attn_norm": {"scale": s(l, d)},
+            "mlp": {"gate_proj": {"kernel": s(l, d, f)}, "up_proj": {"kernel": s(l, d, f)}, "down_proj": {"kernel": s(l, f, d)}},
+        },
+        "final_norm": {"scale": s(d)},
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = {"kernel": s(d, v)}
+    return params
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
+    """Random params (normal(0, std) weights and biases, unit norm scales) — for tests and benchmarks."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(key, len(leaves))
+
+    def init_leaf(path, spec, leaf_key):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            return jnp.ones(spec.shape, spec.dtype)
+        return (std * jax.random.normal(leaf_key, spec.shape)).astype(spec.dtype)
+
+    return jax.tree_util.tree_unflatten(treedef, [init_leaf(p, s, k) for (p, s), k in zip(leaves, keys)])
+
+
+def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, layer, write_index):
+    """Self-attention for one layer.
+
+    With a cache, `kv` is the whole stacked (k [l,b,s,k,h], v) pair: this step's keys/values are written into layer
+    `layer` at slot `write_index` in place (a small dynamic_update_slice, so donated buffers are never copied), and
+    attention reads that layer's slots.
+    """
+    q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, p["q_proj"]["kernel"])
+    k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, p["k_proj"]["kernel"])
+    v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, p["v_proj"]["kernel"])
+    if cfg.qkv_bias:
+        q_btnh, k_btkh, v_btkh = q_btnh + p["q_proj"]["bias"], k_btkh + p["k_proj"]["bias"], v_btkh + p["v_proj"]["bias"]
+    if cfg.qk_norm:  # Qwen3: per-head RMSNorm on queries and keys, before RoPE.
+        q_btnh = layers.rms_norm(q_btnh, p["q_norm"]["scale"], cfg.rms_norm_eps)
+        k_btkh = layers.rms_norm(k_btkh, p["k_norm"]["scale"], cfg.rms_norm_eps)
+    q_btnh = layers.apply_rope(q_btnh, cos_bth, sin_bth)
+    k_btkh = layers.apply_rope(k_btkh, cos_bth, sin_bth)
+    if kv is not None:
+        k_lbskh, v_lbskh = kv
+        start = (layer, 0, write_index, 0, 0)
+        k_lbskh = jax.lax.dynamic_update_slice(k_lbskh, k_btkh[None].astype(k_lbskh.dtype), start)
+        v_lbskh = jax.lax.dynamic_update_slice(v_lbskh, v_btkh[None].astype(v_lbskh.dtype), start)
+        kv = (k_lbskh, v_lbskh)
+        k_btkh = jax.lax.dynamic_index_in_dim(k_lbskh, layer, 0, keepdims=False)
+        v_btkh = jax.lax.dynamic_index_in_dim(v_lbskh, layer, 0, keepdims=False)
+    out_btnh = layers.attend(q_btnh, k_btkh, v_btkh, mask_bts)
+    return jnp.einsum("btnh,nhd->btd", out_btnh, p["o_proj"]["kernel"]), kv
+
+
+def _decoder_layer(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, layer, write_index):
+    attn_out, kv = _attention_block(
+        cfg, p["attn"], layers.rms_norm(x_btd, p["input_norm"]["scale"], cfg.rms_norm_eps),
+        cos_bth, sin_bth, mask_bts, kv, layer, write_index)
+    x_btd = x_btd + attn_out
+    x_btd = x_btd + layers.swiglu_mlp(p["mlp"], layers.rms_norm(x_btd, p["post_attn_norm"]["scale"], cfg.rms_norm_eps))
+    return x_btd, kv
+
+
+def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, input_mask_bt=None,
+            cache: KVCache | None = None):
+    """Runs the decoder and returns (final hidden states [b, t, d] after the last norm, updated cache or None).
+
+    tokens_bt: int32 token ids. positions_bt: RoPE positions (default 0..t-1). input_mask_bt: True for real tokens,
+    False for padding (default all True); padding keys are never attended to. With a `cache`, the t new tokens are
+    written into slots [cache.index, cache.index + t) and attend to every valid earlier slot.
+    """
+    b, t = tokens_bt.shape
+    if input_mask_bt is None:
+        input_mask_bt = jnp.ones((b, t), bool)
+    if positions_bt is None:
+        positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cos_bth, sin_bth = layers.rope_cos_sin(cfg, positions_bt)
+
+    if cache is None:
+        key_valid_bs, query_slot_t, key_slot_s, write_index, kv = input_mask_bt, jnp.arange(t), jnp.arange(t), None, None
+    else:
+        write_index, kv = cache.index, (cache.k, cache.v)
+        key_valid_bs = jax.lax.dynamic_update_slice(cache.valid, input_mask_bt, (0, write_index))
+        query_slot_t, key_slot_s = write_index + jnp.arange(t), jnp.arange(cache.num_slots)
+    mask_bts = key_valid_bs[:, None, :] & (key_slot_s[None, None, :] <= query_slot_t[None, :, None])
+
+    x_btd = params["embed"]["embedding"][tokens_bt].astype(cfg.jnp_dtype)
+    if cfg.scan_layers:
+        def body(carry, per_layer):
+            p, layer = per_layer
+            x, kv_carry = carry
+            return _decoder_layer(cfg, p, x, cos_bth, sin_bth, mask_bts, kv_carry, layer, write_index), None
+
+        (x_btd, kv), _ = jax.lax.scan(body, (x_btd, kv), (params["layers"], jnp.arange(cfg.num_layers)))
+    else:
+        for layer in range(cfg.num_layers):
+            p = jax.tree.map(lambda a: a[layer], params["layers"])
+            x_btd, kv = _decoder_layer(cfg, p, x_btd, cos_bth, sin_bth, mask_bts, kv, layer, write_index)
+
+    hidden_btd = layers.rms_norm(x_btd, params["final_norm"]["scale"], cfg.rms_norm_eps)
+    if cache is not None:
+        cache = KVCache(k=kv[0], v=kv[1], valid=key_valid_bs, index=write_index + t)
+    return hidden_btd, cache
+
+
+def logits_from_hidden(cfg: ModelConfig, params: Params, hidden_btd):
+    """Vocabulary logits in float32 (the lm_head, or the tied embedding)."""
+    if cfg.tie_embeddings:
+        return jnp.einsum("btd,vd->btv", hidden_btd, params["embed"]["embedding"], preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", hidden_btd, params["lm_head"]["kernel"], preferred_element_type=jnp.float32)
+
+
+def forward_logits(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, input_mask_bt=None):
+    """tokens int32 [b, t] → float32 logits [b, t, v] (teacher forcing, no cache)."""
+    hidden_btd, _ = forward(cfg, params, tokens_bt, positions_bt=positions_bt, input_mask_bt=input_mask_bt)
+    return logits_from_hidden(cfg, params, hidden_btd)
