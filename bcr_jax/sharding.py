@@ -113,8 +113,8 @@ def batch_sharding(mesh: Mesh, rank: int, batch_size: int | None = None) -> Name
 
 
 def kv_cache_spec(cache_shape: tuple[int, ...], mesh: Mesh) -> P:
-    """[l, b, s, k, h] cache: rows over the batch axes, kv heads over tensor (matching the k/v projections)."""
-    return _fit(P(None, BATCH_AXES, None, "tensor", None), cache_shape, mesh)
+    """One layer's [b, k, s, h] cache: rows over the batch axes, kv heads over tensor (like the k/v projections)."""
+    return _fit(P(BATCH_AXES, "tensor", None, None), cache_shape, mesh)
 
 
 def place(tree: Any, shardings: Any) -> Any:

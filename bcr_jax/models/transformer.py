@@ -34,29 +34,31 @@ Params = dict[str, Any]
 class KVCache:
     """Keys/values of every layer for a fixed number of slots, filled left to right.
 
-    `valid[b, s]` marks slots that hold a real token (False for left padding), so ragged prompts share one write
-    index: slot `index` is the next one written for every row.
+    One buffer per layer (a tuple), not one stacked array: inside the decode `while_loop`, XLA updates a per-layer
+    buffer in place, whereas writing into and reading from one stacked buffer in the same step makes it copy the
+    whole cache every layer (measured 25x slower on XLA:CPU). `valid[b, s]` marks slots that hold a real token
+    (False for left padding), so ragged prompts share one write index: slot `index` is written next for every row.
     """
 
-    k: jax.Array  # [l, b, s, k, h]
-    v: jax.Array  # [l, b, s, k, h]
+    k: tuple[jax.Array, ...]  # l x [b, k, s, h] (heads before slots: attention reads contiguous [s, h] blocks)
+    v: tuple[jax.Array, ...]  # l x [b, k, s, h]
     valid: jax.Array  # [b, s] bool
     index: jax.Array  # [] int32
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch_size: int, num_slots: int, dtype=None) -> "KVCache":
-        shape = (cfg.num_layers, batch_size, num_slots, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch_size, cfg.num_kv_heads, num_slots, cfg.head_dim)
         dtype = dtype or cfg.jnp_dtype
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             valid=jnp.zeros((batch_size, num_slots), bool),
             index=jnp.zeros((), jnp.int32),
         )
 
     @property
     def num_slots(self) -> int:
-        return self.k.shape[2]
+        return self.valid.shape[1]
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -107,13 +109,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
     return jax.tree_util.tree_unflatten(treedef, [init_leaf(p, s, k) for (p, s), k in zip(leaves, keys)])
 
 
-def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, layer, write_index):
-    """Self-attention for one layer.
-
-    With a cache, `kv` is the whole stacked (k [l,b,s,k,h], v) pair: this step's keys/values are written into layer
-    `layer` at slot `write_index` in place (a small dynamic_update_slice, so donated buffers are never copied), and
-    attention reads that layer's slots.
-    """
+def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index):
+    """Self-attention for one layer. With a cache, `kv` is this layer's (k, v) buffers [b, k, s, h]: this step's
+    keys/values are written at slot `write_index` (in place), then attention reads all slots."""
     q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, p["q_proj"]["kernel"])
     k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, p["k_proj"]["kernel"])
     v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, p["v_proj"]["kernel"])
@@ -123,23 +121,21 @@ def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_
         q_btnh = layers.rms_norm(q_btnh, p["q_norm"]["scale"], cfg.rms_norm_eps)
         k_btkh = layers.rms_norm(k_btkh, p["k_norm"]["scale"], cfg.rms_norm_eps)
     q_btnh = layers.apply_rope(q_btnh, cos_bth, sin_bth)
-    k_btkh = layers.apply_rope(k_btkh, cos_bth, sin_bth)
+    k_bkth = layers.apply_rope(k_btkh, cos_bth, sin_bth).transpose(0, 2, 1, 3)
+    v_bkth = v_btkh.transpose(0, 2, 1, 3)
     if kv is not None:
-        k_lbskh, v_lbskh = kv
-        start = (layer, 0, write_index, 0, 0)
-        k_lbskh = jax.lax.dynamic_update_slice(k_lbskh, k_btkh[None].astype(k_lbskh.dtype), start)
-        v_lbskh = jax.lax.dynamic_update_slice(v_lbskh, v_btkh[None].astype(v_lbskh.dtype), start)
-        kv = (k_lbskh, v_lbskh)
-        k_btkh = jax.lax.dynamic_index_in_dim(k_lbskh, layer, 0, keepdims=False)
-        v_btkh = jax.lax.dynamic_index_in_dim(v_lbskh, layer, 0, keepdims=False)
-    out_btnh = layers.attend(q_btnh, k_btkh, v_btkh, mask_bts)
+        k_bksh, v_bksh = kv
+        k_bkth = jax.lax.dynamic_update_slice(k_bksh, k_bkth.astype(k_bksh.dtype), (0, 0, write_index, 0))
+        v_bkth = jax.lax.dynamic_update_slice(v_bksh, v_bkth.astype(v_bksh.dtype), (0, 0, write_index, 0))
+        kv = (k_bkth, v_bkth)
+    out_btnh = layers.attend(q_btnh, k_bkth, v_bkth, mask_bts)
     return jnp.einsum("btnh,nhd->btd", out_btnh, p["o_proj"]["kernel"]), kv
 
 
-def _decoder_layer(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, layer, write_index):
+def _decoder_layer(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index):
     attn_out, kv = _attention_block(
         cfg, p["attn"], layers.rms_norm(x_btd, p["input_norm"]["scale"], cfg.rms_norm_eps),
-        cos_bth, sin_bth, mask_bts, kv, layer, write_index)
+        cos_bth, sin_bth, mask_bts, kv, write_index)
     x_btd = x_btd + attn_out
     x_btd = x_btd + layers.swiglu_mlp(p["mlp"], layers.rms_norm(x_btd, p["post_attn_norm"]["scale"], cfg.rms_norm_eps))
     return x_btd, kv
@@ -161,29 +157,38 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, i
     cos_bth, sin_bth = layers.rope_cos_sin(cfg, positions_bt)
 
     if cache is None:
-        key_valid_bs, query_slot_t, key_slot_s, write_index, kv = input_mask_bt, jnp.arange(t), jnp.arange(t), None, None
+        key_valid_bs, query_slot_t, key_slot_s, write_index = input_mask_bt, jnp.arange(t), jnp.arange(t), None
     else:
-        write_index, kv = cache.index, (cache.k, cache.v)
+        write_index = cache.index
         key_valid_bs = jax.lax.dynamic_update_slice(cache.valid, input_mask_bt, (0, write_index))
         query_slot_t, key_slot_s = write_index + jnp.arange(t), jnp.arange(cache.num_slots)
     mask_bts = key_valid_bs[:, None, :] & (key_slot_s[None, None, :] <= query_slot_t[None, :, None])
 
     x_btd = params["embed"]["embedding"][tokens_bt].astype(cfg.jnp_dtype)
+    new_k, new_v = [], []
     if cfg.scan_layers:
-        def body(carry, per_layer):
-            p, layer = per_layer
-            x, kv_carry = carry
-            return _decoder_layer(cfg, p, x, cos_bth, sin_bth, mask_bts, kv_carry, layer, write_index), None
+        # One traced layer body (fast compiles). With a cache the per-layer buffers are stacked for the scan, which
+        # costs a cache copy per call: decode loops should use scan_layers=False.
+        def body(x, per_layer):
+            p, kv = per_layer
+            return _decoder_layer(cfg, p, x, cos_bth, sin_bth, mask_bts, kv, write_index)
 
-        (x_btd, kv), _ = jax.lax.scan(body, (x_btd, kv), (params["layers"], jnp.arange(cfg.num_layers)))
+        kv_in = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
+        x_btd, kv_out = jax.lax.scan(body, x_btd, (params["layers"], kv_in))
+        if cache is not None:
+            new_k, new_v = list(kv_out[0]), list(kv_out[1])
     else:
         for layer in range(cfg.num_layers):
             p = jax.tree.map(lambda a: a[layer], params["layers"])
-            x_btd, kv = _decoder_layer(cfg, p, x_btd, cos_bth, sin_bth, mask_bts, kv, layer, write_index)
+            kv = None if cache is None else (cache.k[layer], cache.v[layer])
+            x_btd, kv = _decoder_layer(cfg, p, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
 
     hidden_btd = layers.rms_norm(x_btd, params["final_norm"]["scale"], cfg.rms_norm_eps)
     if cache is not None:
-        cache = KVCache(k=kv[0], v=kv[1], valid=key_valid_bs, index=write_index + t)
+        cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid_bs, index=write_index + t)
     return hidden_btd, cache
 
 

@@ -1,0 +1,307 @@
+"""Batched autoregressive sampling: a jitted prefill and a jitted `lax.while_loop` decode over an explicit state.
+
+Layout. Prompts are left-padded to a bucketed length P, so every row's last prompt token sits in slot P-1 and all
+rows share one cache write index; `KVCache.valid` hides the padding. Each prompt is prefilled once and its cache is
+repeated for its G samples. The decode loop writes one token per row per step into a fixed [rows, max_new_tokens]
+buffer and stops as soon as every row has emitted an EOS id or the budget is spent.
+
+Knobs. Temperature, top-p and top-k are per-row traced arrays: changing them never recompiles. Temperature 0 means
+greedy. Sorting the vocabulary (needed for top-p / top-k) happens under `lax.cond` only on steps where some row asks
+for filtering.
+
+Log-probs are those of the distribution each token was drawn from: log_softmax(logits / T) restricted to the top-k /
+top-p support and renormalised; for greedy rows (T = 0), log_softmax(logits) of the chosen token.
+
+Compilation. Prompt lengths are bucketed to powers of two (>= 16) and the number of prompts to powers of two (and to a
+multiple of the mesh's batch axes), so a training run compiles a handful of shapes; `TRACE_COUNTS` counts traces.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bcr_jax import sharding as sharding_lib
+from bcr_jax.models import transformer
+from bcr_jax.models.config import ModelConfig
+
+# How many times each jitted entry point was traced (== compiled) in this process; tests bound it.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+_NEG_INF = -jnp.inf
+
+
+@flax.struct.dataclass
+class SamplingState:
+    """Everything the decode loop carries. r = rows (prompts x samples), n = max_new_tokens."""
+
+    tokens: jax.Array  # [r, n] int32, pad_id after a row ends
+    logprobs: jax.Array  # [r, n] float32, 0 after a row ends
+    last_token: jax.Array  # [r] int32, the token fed to the next step
+    next_position: jax.Array  # [r] int32, its RoPE position
+    done: jax.Array  # [r] bool, EOS emitted (or a padding row)
+    hit_eos: jax.Array  # [r] bool
+    lengths: jax.Array  # [r] int32, tokens generated (EOS included)
+    step: jax.Array  # [] int32, next column of `tokens` to write
+    rng: jax.Array  # PRNG key
+    temperature: jax.Array  # [r] float32
+    top_p: jax.Array  # [r] float32
+    top_k: jax.Array  # [r] int32, 0 = off
+    cache: transformer.KVCache
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Per row (prompt-major: row i * num_samples + g is sample g of prompt i)."""
+
+    tokens: list[list[int]]  # new tokens, EOS included, padding removed
+    logprobs: list[np.ndarray]  # [len] float32 log-probs of those tokens under the sampling distribution
+    lengths: np.ndarray  # [rows] int32
+    truncated: np.ndarray  # [rows] bool: cut off by the budget rather than ended by EOS
+    token_array: np.ndarray  # [rows, max_new_tokens] int32, pad_id past each row's length
+    logprob_array: np.ndarray  # [rows, max_new_tokens] float32, 0 past each row's length
+
+
+# ------------------------------------------------------------------------------------------------ token choice
+
+def _filtered_sorted_logits(scaled_bv, top_p_b, top_k_b):
+    """Vocabulary sorted by descending logit, with everything outside the top-k / top-p support set to -inf."""
+    order_bv = jnp.argsort(-scaled_bv, axis=-1)
+    sorted_bv = jnp.take_along_axis(scaled_bv, order_bv, axis=-1)
+    rank_v = jnp.arange(scaled_bv.shape[-1])
+    probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+    mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+    # A token is kept while the mass strictly before it is < top_p (so the top token always survives).
+    keep_bv = mass_before_bv < top_p_b[:, None]
+    keep_bv &= (top_k_b[:, None] <= 0) | (rank_v[None, :] < top_k_b[:, None])
+    return jnp.where(keep_bv, sorted_bv, _NEG_INF), order_bv
+
+
+def choose_tokens(logits_bv, rng, temperature_b, top_p_b, top_k_b):
+    """Samples one token per row; returns (tokens [b] int32, their log-probs [b] float32)."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    greedy_b = temperature_b <= 0
+    scaled_bv = logits_bv / jnp.where(greedy_b, 1.0, temperature_b)[:, None]
+    needs_filter = jnp.any(~greedy_b & ((top_p_b < 1.0) | (top_k_b > 0)))
+
+    def filtered(_):
+        sorted_bv, order_bv = _filtered_sorted_logits(scaled_bv, top_p_b, top_k_b)
+        choice_b = jax.random.categorical(rng, sorted_bv, axis=-1)
+        logprob_b = jnp.take_along_axis(jax.nn.log_softmax(sorted_bv, axis=-1), choice_b[:, None], axis=-1)[:, 0]
+        return jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0], logprob_b
+
+    def unfiltered(_):
+        token_b = jax.random.categorical(rng, scaled_bv, axis=-1)
+        logprob_b = jnp.take_along_axis(jax.nn.log_softmax(scaled_bv, axis=-1), token_b[:, None], axis=-1)[:, 0]
+        return token_b, logprob_b
+
+    sampled_b, sampled_logprob_b = jax.lax.cond(needs_filter, filtered, unfiltered, None)
+    greedy_token_b = jnp.argmax(logits_bv, axis=-1)
+    greedy_logprob_b = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1), greedy_token_b[:, None], axis=-1)[:, 0]
+    token_b = jnp.where(greedy_b, greedy_token_b, sampled_b).astype(jnp.int32)
+    return token_b, jnp.where(greedy_b, greedy_logprob_b, sampled_logprob_b)
+
+
+# ------------------------------------------------------------------------------------------- prefill and decode
+
+def _record(state: SamplingState, token_b, logprob_b, eos_ids: tuple[int, ...], pad_id: int) -> SamplingState:
+    """Writes this step's tokens into column `state.step`; rows that were already done get padding."""
+    token_b = jnp.where(state.done, pad_id, token_b)
+    logprob_b = jnp.where(state.done, 0.0, logprob_b)
+    is_eos_b = jnp.isin(token_b, jnp.asarray(eos_ids, jnp.int32)) & ~state.done
+    return state.replace(
+        tokens=jax.lax.dynamic_update_slice(state.tokens, token_b[:, None], (0, state.step)),
+        logprobs=jax.lax.dynamic_update_slice(state.logprobs, logprob_b[:, None], (0, state.step)),
+        last_token=token_b,
+        lengths=state.lengths + (~state.done).astype(jnp.int32),
+        hit_eos=state.hit_eos | is_eos_b,
+        done=state.done | is_eos_b,
+        step=state.step + 1,
+    )
+
+
+def _prefill(cfg: ModelConfig, params, prompt_bp, prompt_mask_bp, row_is_real_r, rng, temperature_r, top_p_r, top_k_r,
+             *, num_samples: int, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int) -> SamplingState:
+    TRACE_COUNTS["prefill"] += 1
+    b, p = prompt_bp.shape
+    cache = transformer.KVCache.init(cfg, b, p + max_new_tokens)
+    positions_bp = jnp.maximum(jnp.cumsum(prompt_mask_bp, axis=1) - 1, 0).astype(jnp.int32)
+    hidden_bpd, cache = transformer.forward(cfg, params, prompt_bp, positions_bt=positions_bp,
+                                            input_mask_bt=prompt_mask_bp, cache=cache)
+    last_logits_bv = transformer.logits_from_hidden(cfg, params, hidden_bpd[:, -1:])[:, 0]
+
+    # One prefill per prompt; its cache and logits are repeated for the prompt's samples.
+    repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
+    cache = jax.tree.map(lambda x: x if x.ndim == 0 else repeat(x), cache)
+    rows = b * num_samples
+    rng, step_rng = jax.random.split(rng)
+    state = SamplingState(
+        tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
+        last_token=jnp.zeros((rows,), jnp.int32),
+        next_position=repeat(prompt_mask_bp.sum(axis=1).astype(jnp.int32)),
+        done=~row_is_real_r,
+        hit_eos=jnp.zeros((rows,), bool),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        rng=rng,
+        temperature=temperature_r, top_p=top_p_r, top_k=top_k_r,
+        cache=cache,
+    )
+    token_r, logprob_r = choose_tokens(repeat(last_logits_bv), step_rng, temperature_r, top_p_r, top_k_r)
+    return _record(state, token_r, logprob_r, eos_ids, pad_id)
+
+
+def _decode(cfg: ModelConfig, params, state: SamplingState, *, eos_ids: tuple[int, ...], pad_id: int) -> SamplingState:
+    TRACE_COUNTS["decode"] += 1
+    max_new_tokens = state.tokens.shape[1]
+
+    def step(state: SamplingState) -> SamplingState:
+        hidden_r1d, cache = transformer.forward(cfg, params, state.last_token[:, None],
+                                                positions_bt=state.next_position[:, None], cache=state.cache)
+        logits_rv = transformer.logits_from_hidden(cfg, params, hidden_r1d)[:, 0]
+        rng, step_rng = jax.random.split(state.rng)
+        token_r, logprob_r = choose_tokens(logits_rv, step_rng, state.temperature, state.top_p, state.top_k)
+        state = state.replace(cache=cache, rng=rng, next_position=state.next_position + 1)
+        return _record(state, token_r, logprob_r, eos_ids, pad_id)
+
+    def keep_going(state: SamplingState):
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+
+    return jax.lax.while_loop(keep_going, step, state)
+
+
+# -------------------------------------------------------------------------------------------- compiled programs
+
+def _state_shardings(mesh: Mesh, cfg: ModelConfig, rows: int, cache_shape: tuple[int, ...]) -> SamplingState:
+    row = lambda rank: sharding_lib.batch_sharding(mesh, rank, rows)
+    replicated = NamedSharding(mesh, P())
+    cache_kv = NamedSharding(mesh, sharding_lib.kv_cache_spec(cache_shape, mesh))
+    return SamplingState(
+        tokens=row(2), logprobs=row(2), last_token=row(1), next_position=row(1), done=row(1), hit_eos=row(1),
+        lengths=row(1), step=replicated, rng=replicated, temperature=row(1), top_p=row(1), top_k=row(1),
+        cache=transformer.KVCache(k=(cache_kv,) * cfg.num_layers, v=(cache_kv,) * cfg.num_layers, valid=row(2),
+                                  index=replicated),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _programs(cfg: ModelConfig, mesh: Mesh | None, param_shardings_key, num_samples: int, max_new_tokens: int,
+              eos_ids: tuple[int, ...], pad_id: int, batch: int, prompt_len: int):
+    """The jitted prefill and decode for one bucket (jax.jit caches by shape too; this keeps shardings explicit)."""
+    prefill = functools.partial(_prefill, cfg, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                eos_ids=eos_ids, pad_id=pad_id)
+    decode = functools.partial(_decode, cfg, eos_ids=eos_ids, pad_id=pad_id)
+    if mesh is None:
+        return jax.jit(prefill), jax.jit(decode, donate_argnums=(1,))
+    rows = batch * num_samples
+    param_shardings = param_shardings_key.tree
+    state_shardings = _state_shardings(
+        mesh, cfg, rows, (rows, cfg.num_kv_heads, prompt_len + max_new_tokens, cfg.head_dim))
+    prompt = sharding_lib.batch_sharding(mesh, 2, batch)
+    row = sharding_lib.batch_sharding(mesh, 1, rows)
+    replicated = NamedSharding(mesh, P())
+    prefill_jit = jax.jit(prefill, in_shardings=(param_shardings, prompt, prompt, row, replicated, row, row, row),
+                          out_shardings=state_shardings)
+    decode_jit = jax.jit(decode, in_shardings=(param_shardings, state_shardings), out_shardings=state_shardings,
+                         donate_argnums=(1,))
+    return prefill_jit, decode_jit
+
+
+class _HashableTree:
+    """Wraps a pytree of shardings so it can key an lru_cache."""
+
+    def __init__(self, tree):
+        self.tree = tree
+        self._key = tuple(jax.tree.leaves(tree)), jax.tree.structure(tree)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _HashableTree) and self._key == other._key
+
+
+def bucket(n: int, minimum: int = 1, multiple: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum), rounded up to a multiple of `multiple`."""
+    size = max(minimum, 1 << max(0, (n - 1).bit_length()))
+    return -(-size // multiple) * multiple
+
+
+def _per_row(value, count: int, name: str, dtype) -> np.ndarray:
+    array = np.asarray(value, dtype=dtype)
+    if array.ndim == 0:
+        return np.full((count,), array, dtype)
+    if array.shape != (count,):
+        raise ValueError(f"{name}: expected a scalar or {count} values (one per prompt), got shape {array.shape}")
+    return array
+
+
+def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature=0.0, top_p=1.0, top_k=0, eos_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
+             num_samples: int = 1, mesh: Mesh | None = None, min_prompt_bucket: int = 16) -> SampleOutput:
+    """Samples `num_samples` continuations of each prompt (a list of token-id lists of any lengths).
+
+    temperature / top_p / top_k: a scalar or one value per prompt (traced; never recompiles). eos_ids: every id that
+    ends a row. With a `mesh`, rows are split over its ("data", "fsdp") axes and `params` should already carry the
+    partition-rule shardings (e.g. from `models.load_hf(..., mesh=mesh)`).
+    """
+    if not prompts:
+        raise ValueError("prompts: need at least one prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError(f"prompts: prompt {[len(p) for p in prompts].index(0)} is empty")
+    if max_new_tokens < 1 or num_samples < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} and num_samples={num_samples} must be >= 1")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    num_prompts = len(prompts)
+    batch_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = bucket(num_prompts, multiple=batch_multiple)
+    prompt_len = bucket(longest, minimum=min_prompt_bucket)
+
+    prompt_bp = np.full((batch, prompt_len), pad_id, np.int32)
+    mask_bp = np.zeros((batch, prompt_len), bool)
+    for i, prompt in enumerate(prompts):  # left padding: every prompt ends in column prompt_len - 1
+        prompt_bp[i, prompt_len - len(prompt):] = prompt
+        mask_bp[i, prompt_len - len(prompt):] = True
+    mask_bp[num_prompts:, -1] = True  # padding rows hold one dummy token so their attention is well defined
+    temperature_p = _per_row(temperature, num_prompts, "temperature", np.float32)
+    top_p_p = _per_row(top_p, num_prompts, "top_p", np.float32)
+    top_k_p = _per_row(top_k, num_prompts, "top_k", np.int32)
+    if np.any(temperature_p < 0) or np.any((top_p_p <= 0) | (top_p_p > 1)) or np.any(top_k_p < 0):
+        raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0 (0 = off)")
+
+    def per_row(per_prompt, fill):  # padding prompts get neutral knobs; then one entry per sample
+        return np.repeat(np.concatenate([per_prompt, np.full((batch - num_prompts,), fill, per_prompt.dtype)]),
+                         num_samples)
+
+    temperature_r, top_p_r, top_k_r = per_row(temperature_p, 0), per_row(top_p_p, 1), per_row(top_k_p, 0)
+    row_is_real_r = np.repeat(np.arange(batch) < num_prompts, num_samples)
+
+    shardings_key = None if mesh is None else _HashableTree(jax.tree.map(lambda x: x.sharding, params))
+    prefill, decode = _programs(cfg, mesh, shardings_key, num_samples, max_new_tokens, tuple(int(e) for e in eos_ids),
+                                int(pad_id), batch, prompt_len)
+    state = prefill(params, prompt_bp, mask_bp, row_is_real_r, jax.random.key(seed), temperature_r, top_p_r, top_k_r)
+    state = decode(params, state)
+
+    real_rows = num_prompts * num_samples
+    tokens, logprobs, lengths, hit_eos = jax.device_get((state.tokens, state.logprobs, state.lengths, state.hit_eos))
+    tokens, logprobs, lengths = tokens[:real_rows], logprobs[:real_rows], lengths[:real_rows]
+    return SampleOutput(
+        tokens=[row[:n].tolist() for row, n in zip(tokens, lengths)],
+        logprobs=[row[:n] for row, n in zip(logprobs, lengths)],
+        lengths=lengths,
+        truncated=~hit_eos[:real_rows],
+        token_array=tokens,
+        logprob_array=logprobs,
+    )
