@@ -62,6 +62,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcr_jax.grading import closing_brace
+
 THINK_CLOSE = "</think>"
 
 _MARKER = re.compile(r"Answer\s*(\d+)\s*::")
@@ -126,25 +128,6 @@ class _Answer(NamedTuple):
     end: int  # One past the closing brace of the box, in response coordinates.
 
 
-def _closing_brace(text: str, open_index: int, limit: int) -> int | None:
-    """Index one past the brace matching ``text[open_index] == '{'``, or None before ``limit``."""
-    depth = 0
-    i = open_index
-    while i < limit:
-        char = text[i]
-        if char == "\\":
-            i += 2  # An escaped character (``\\{``, ``\\}``, ``\\\\``) never opens or closes.
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    return None
-
-
 def _boxed_answer(text: str, start: int, end: int) -> _Answer | None:
     """The answer of the region ``text[start:end]``: its single, closed, non-empty box (rule 6)."""
     boxes = _BOXED.finditer(text, start, end)
@@ -154,7 +137,7 @@ def _boxed_answer(text: str, start: int, end: int) -> _Answer | None:
     opening = _BOX_OPEN.match(text, first.start(), end)
     if opening is None:
         return None
-    close = _closing_brace(text, opening.end() - 1, end)
+    close = closing_brace(text, opening.end() - 1, end)
     if close is None:
         return None
     content = text[opening.end() : close - 1].strip()

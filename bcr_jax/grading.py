@@ -69,7 +69,7 @@ DEFAULT_MAX_ANSWER_CHARS = 1000
 DEFAULT_MEMORY_LIMIT_MB = 2048
 # The soft (in-worker) deadline as a fraction of the hard one; the rest is headroom for the worker
 # to unwind and reply before the parent kills it.
-_SOFT_DEADLINE_FRACTION = 0.75
+DEFAULT_SOFT_DEADLINE_FRACTION = 0.75
 _READY = "ready"
 
 # --------------------------------------------------------------------------------------------------
@@ -202,8 +202,9 @@ def _verify(answer: str, gold: str) -> bool:
     return False
 
 
-def _verify_before(answer: str, gold: str, soft_deadline_s: float) -> bool:
-    signal.setitimer(signal.ITIMER_REAL, soft_deadline_s)
+def _verify_before(answer: str, gold: str, soft_deadline_s: float | None) -> bool:
+    if soft_deadline_s:
+        signal.setitimer(signal.ITIMER_REAL, soft_deadline_s)
     try:
         return _verify(answer, gold)
     except Exception:  # Malformed LaTeX, MemoryError, sympy bugs: all mean "not verified".
@@ -268,6 +269,8 @@ class Grader:
       timeout_s: Default hard wall-clock limit per answer, from dispatch to verdict.
       max_answer_chars: Longer answers score False without being parsed.
       memory_limit_mb: Address-space limit of each worker (None for no limit).
+      soft_deadline_fraction: When the in-worker soft deadline fires, as a fraction of the hard
+        one (None: no soft deadline, every overrun ends in a kill).
       start_method: ``"forkserver"`` (default where available) or ``"spawn"``.
       startup_timeout_s: How long a new worker may take to become ready before grading fails.
 
@@ -281,12 +284,14 @@ class Grader:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
         memory_limit_mb: int | None = DEFAULT_MEMORY_LIMIT_MB,
+        soft_deadline_fraction: float | None = DEFAULT_SOFT_DEADLINE_FRACTION,
         start_method: str | None = None,
         startup_timeout_s: float = 120.0,
     ):
         self.num_workers = num_workers or min(os.cpu_count() or 1, 16)
         self.timeout_s = timeout_s
         self.max_answer_chars = max_answer_chars
+        self.soft_deadline_fraction = soft_deadline_fraction
         self.num_replaced = 0  # Workers killed for overrunning or found dead; a health metric.
         self._memory_limit_bytes = memory_limit_mb * 2**20 if memory_limit_mb else None
         self._startup_timeout_s = startup_timeout_s
@@ -352,7 +357,8 @@ class Grader:
 
     def _run(self, queue, answers, golds, verdicts, timeout_s) -> None:
         """Dispatches queued answers to idle workers until every verdict is in."""
-        soft_deadline_s = timeout_s * _SOFT_DEADLINE_FRACTION
+        fraction = self.soft_deadline_fraction
+        soft_deadline_s = None if fraction is None else timeout_s * fraction
         while queue or any(w.task is not None for w in self._workers):
             now = time.monotonic()
             for slot, worker in enumerate(self._workers):
