@@ -75,10 +75,16 @@ def sequence_rewards(
 # --------------------------------------------------------------------------------------------------
 
 
-def _grouped(rewards: jax.Array, group_size: int) -> jax.Array:
+def _centred(rewards: jax.Array, group_size: int) -> jax.Array:
+    """Rewards ``[B, ...]`` as ``[P, G, ...]`` groups minus their group means."""
     if group_size < 1 or rewards.shape[0] % group_size:
         raise ValueError(f"batch of {rewards.shape[0]} rows is not a multiple of group_size={group_size}")
-    return rewards.reshape(-1, group_size, *rewards.shape[1:])
+    grouped = rewards.astype(jnp.float32).reshape(-1, group_size, *rewards.shape[1:])
+    # XLA computes a mean as sum * (1/G), which is inexact; shifting by the group's first reward
+    # first makes a group of equal rewards centre to exactly 0 instead of to rounding noise that
+    # GRPO's division by a ~0 std would blow up into a spurious advantage.
+    shifted = grouped - grouped[:, :1]
+    return shifted - shifted.mean(axis=1, keepdims=True)
 
 
 @functools.partial(jax.jit, static_argnames="group_size")
@@ -86,17 +92,15 @@ def grpo_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-6) -> j
     """GRPO: ``(r - mean) / (std + eps)`` within each group (unbiased std, as in TRL and tunix)."""
     if group_size < 2:
         raise ValueError(f"GRPO needs group_size >= 2 for a standard deviation, got {group_size}")
-    grouped = _grouped(rewards.astype(jnp.float32), group_size)
-    mean = grouped.mean(axis=1, keepdims=True)
-    std = grouped.std(axis=1, ddof=1, keepdims=True)
-    return ((grouped - mean) / (std + eps)).reshape(rewards.shape)
+    centred = _centred(rewards, group_size)
+    std = centred.std(axis=1, ddof=1, keepdims=True)
+    return (centred / (std + eps)).reshape(rewards.shape)
 
 
 @functools.partial(jax.jit, static_argnames="group_size")
 def dr_grpo_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
     """Dr. GRPO: ``r - mean`` within each group (no std normalisation, which biases difficulty)."""
-    grouped = _grouped(rewards.astype(jnp.float32), group_size)
-    return (grouped - grouped.mean(axis=1, keepdims=True)).reshape(rewards.shape)
+    return _centred(rewards, group_size).reshape(rewards.shape)
 
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
