@@ -196,9 +196,7 @@ def split_answers(response: str, n: int, *, require_think_close: bool = False) -
     return [None if a is None else a.text for a in answers]
 
 
-def answer_spans(
-    response: str, n: int, *, require_think_close: bool = False
-) -> list[tuple[int, int] | None]:
+def answer_spans(response: str, n: int, *, require_think_close: bool = False) -> list[tuple[int, int] | None]:
     """Character span ``[start, end)`` of each problem's segment; None where no answer parsed.
 
     A segment runs from the end of the previous parsed answer (or the start of the answer section)
@@ -343,9 +341,7 @@ def assemble_sequences(
 
 
 @functools.partial(jax.jit, static_argnames="prompt_width")
-def place_response_values(
-    values: jax.Array, prompt_lengths: jax.Array, prompt_width: int, fill_value=0
-) -> jax.Array:
+def place_response_values(values: jax.Array, prompt_lengths: jax.Array, prompt_width: int, fill_value=0) -> jax.Array:
     """Moves per-response-token values ``[B, R]`` to their positions in :func:`assemble_sequences`.
 
     E.g. segment ids computed per response token become ``[B, P + R]`` aligned with the sequence

@@ -11,9 +11,10 @@ How one (answer, gold) pair is decided
    (1000 by default: no real final answer is that long, but a megabyte of braces is) or one with
    unbalanced braces scores False without leaving the parent.
 2. *Text comparison in the parent.* Answers equal to the gold after :func:`normalize_text` score
-   True. Word answers -- golds made only of letters and spaces, at least two letters ("Yes",
-   "East", "odd") -- are decided here, case-insensitively: math-verify reads a word as a product
-   of symbols and would call "Yes" and "sey" equal.
+   True, and two plain integers (the most common answer type) are compared by value: the verdict
+   math-verify would give, without the round trip. Word answers -- golds made only of letters and
+   spaces, at least two letters ("Yes", "East", "odd") -- are decided here, case-insensitively:
+   math-verify reads a word as a product of symbols and would call "Yes" and "sey" equal.
 3. *math-verify in a worker process.* Both sides are wrapped as ``\\boxed{...}`` and compared with
    ``math_verify.verify(gold, answer)`` (fractions vs decimals, ``\\dfrac``, ``\\left(``, degrees,
    percent, units, intervals, tuples, sets, expressions, matrices).
@@ -79,6 +80,7 @@ _READY = "ready"
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
 _TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mbox)\s*\{([^{}]*)\}")
 _WORD_ANSWER = re.compile(r"[A-Za-z][A-Za-z ]*[A-Za-z]")
+_INTEGER = re.compile(r"[+-]?\d+")
 _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
@@ -128,6 +130,8 @@ def _decide_in_parent(answer: str | None, gold: str, max_answer_chars: int) -> b
     normalized_answer, normalized_gold = normalize_text(answer), normalize_text(gold)
     if normalized_answer == normalized_gold:
         return True
+    if _INTEGER.fullmatch(normalized_answer) and _INTEGER.fullmatch(normalized_gold):
+        return int(normalized_answer) == int(normalized_gold)
     plain_gold = _TEXT_COMMAND.sub(r"\1", strip_math_delimiters(gold)).strip().rstrip(".")
     if _WORD_ANSWER.fullmatch(plain_gold):
         return normalized_answer.casefold() == normalized_gold.casefold()
@@ -188,9 +192,7 @@ def _equivalent(answer: str, gold: str) -> bool:
     gold_parsed, answer_parsed = _parse_boxed(gold), _parse_boxed(answer)
     if not gold_parsed or not answer_parsed:
         return False
-    return math_verify.verify(
-        gold_parsed, answer_parsed, allow_set_relation_comp=True, timeout_seconds=None
-    )
+    return math_verify.verify(gold_parsed, answer_parsed, allow_set_relation_comp=True, timeout_seconds=None)
 
 
 def _verify(answer: str, gold: str) -> bool:
@@ -233,7 +235,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, memory_limit_bytes
         index, answer, gold, soft_deadline_s = task
         try:
             verdict = _verify_before(answer, gold, soft_deadline_s)
-        except _SoftDeadline:  # Fired while unwinding; the answer still ran out of time.
+        except _SoftDeadline:  # Out of time: the answer was too expensive to verify.
             verdict = False
         conn.send((index, verdict))
 
@@ -383,9 +385,7 @@ class Grader:
                 if worker.task is not None and now >= worker.deadline:
                     self._replace(slot)  # Overran: killed, and its answer keeps its False verdict.
                 elif not worker.ready and now >= worker.start_deadline:
-                    raise RuntimeError(
-                        f"grading worker did not start within {self._startup_timeout_s:.0f}s"
-                    )
+                    raise RuntimeError(f"grading worker did not start within {self._startup_timeout_s:.0f}s")
 
     def _receive(self, slot: int, verdicts: list[bool]) -> None:
         worker = self._workers[slot]

@@ -57,9 +57,7 @@ def instance_rewards(
 
 
 @functools.partial(jax.jit, static_argnames="reduction")
-def sequence_rewards(
-    rewards: jax.Array, problem_mask: jax.Array, reduction: Reduction = "mean"
-) -> jax.Array:
+def sequence_rewards(rewards: jax.Array, problem_mask: jax.Array, reduction: Reduction = "mean") -> jax.Array:
     """Reduces instance rewards ``[B, N]`` over the real problems of each row to ``[B]``."""
     total = jnp.sum(jnp.where(problem_mask, rewards, 0.0), axis=-1)
     if reduction == "sum":
@@ -203,9 +201,7 @@ def compute_advantages(
         return Advantages(rewards, advantages, token_advantages(advantages, response_mask))
     if segment_ids is None:
         raise ValueError("credit='segment' needs segment_ids")
-    per_token = segment_token_advantages(
-        segment_ids, estimate(per_problem, group_size), advantages, response_mask
-    )
+    per_token = segment_token_advantages(segment_ids, estimate(per_problem, group_size), advantages, response_mask)
     return Advantages(rewards, advantages, per_token)
 
 

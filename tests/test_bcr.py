@@ -64,22 +64,34 @@ def test_split_handles_nesting_spacing_and_escapes():
     "response, expected",
     [
         pytest.param("Answer 1::\\boxed{1} Answer 2::\\boxed{2} Answer 3::\\boxed{3}", ["1", "2", "3"], id="clean"),
-        pytest.param("Answer 1::\\boxed{1} Answer 1::\\boxed{1} Answer 2::\\boxed{2}", [None, "2", None], id="duplicate-marker"),
+        pytest.param(
+            "Answer 1::\\boxed{1} Answer 1::\\boxed{1} Answer 2::\\boxed{2}", [None, "2", None], id="duplicate-marker"
+        ),
         pytest.param("Answer 1::\\boxed{1}\\boxed{4} Answer 2::\\boxed{2}", [None, "2", None], id="two-boxes"),
-        pytest.param("Answer 1::\\boxed{1}. Then \\boxed{7}. Answer 2::\\boxed{2}", [None, "2", None], id="stray-box-in-region"),
+        pytest.param(
+            "Answer 1::\\boxed{1}. Then \\boxed{7}. Answer 2::\\boxed{2}", [None, "2", None], id="stray-box-in-region"
+        ),
         pytest.param("Answer 1::\\boxed{\\boxed{1}} Answer 2::\\boxed{2}", [None, "2", None], id="nested-box"),
-        pytest.param("Answer 2::\\boxed{2} Answer 1::\\boxed{1} Answer 3::\\boxed{3}", [None, "2", "3"], id="out-of-order"),
+        pytest.param(
+            "Answer 2::\\boxed{2} Answer 1::\\boxed{1} Answer 3::\\boxed{3}", [None, "2", "3"], id="out-of-order"
+        ),
         pytest.param("Answer 1::\\boxed{1} Answer 3::\\boxed{3}", ["1", None, "3"], id="skipped-problem"),
-        pytest.param("Answer 0::\\boxed{9} Answer 1::\\boxed{1} Answer 4::\\boxed{9}", ["1", None, None], id="out-of-range"),
+        pytest.param(
+            "Answer 0::\\boxed{9} Answer 1::\\boxed{1} Answer 4::\\boxed{9}", ["1", None, None], id="out-of-range"
+        ),
         pytest.param("Answer 1::\\boxed{1} Answer 7:: \\boxed{2}", ["1", None, None], id="extra-marker-ends-region"),
         pytest.param("\\boxed{1} Answer 1::\\boxed{2}", ["2", None, None], id="box-before-first-marker"),
         pytest.param("Answer 1::\\boxed{1} Answer 2::\\boxed{\\frac{1}{", ["1", None, None], id="truncated-box"),
-        pytest.param("Answer 1::\\boxed{} Answer 2::\\boxed{ } Answer 3::\\boxed 3", [None, None, None], id="empty-or-braceless"),
+        pytest.param(
+            "Answer 1::\\boxed{} Answer 2::\\boxed{ } Answer 3::\\boxed 3", [None, None, None], id="empty-or-braceless"
+        ),
         pytest.param("Answer 1:: 5 Answer 2::\\boxed{2}", [None, "2", None], id="no-box"),
         pytest.param("Answer 1::\\boxed{1}\\boxed{2}\\boxed{3}\\boxed{4}", [None, None, None], id="many-boxes"),
         pytest.param("answer 1::\\boxed{1} Answer 2: \\boxed{2}", [None, None, None], id="malformed-markers"),
         pytest.param("\\boxed{1} \\boxed{2} \\boxed{3}", [None, None, None], id="no-markers"),
-        pytest.param("Answer 99999999999999::\\boxed{1} Answer 1::\\boxed{1}", ["1", None, None], id="huge-marker-number"),
+        pytest.param(
+            "Answer 99999999999999::\\boxed{1} Answer 1::\\boxed{1}", ["1", None, None], id="huge-marker-number"
+        ),
     ],
 )
 def test_split_policy(response, expected):
@@ -302,6 +314,10 @@ def test_place_response_values_matches_numpy_reference():
         expected[b, lp : lp + values.shape[1]] = values[b]
     np.testing.assert_array_equal(placed, expected)
     # Aligned with assemble_sequences: response positions carry the response's values.
-    response_mask = np.asarray(bcr.assemble_sequences(prompts, prompt_lengths, values, response_lengths, 0).response_mask)
-    np.testing.assert_array_equal(placed[response_mask], np.concatenate([values[b, :n] for b, n in enumerate(response_lengths)]))
+    response_mask = np.asarray(
+        bcr.assemble_sequences(prompts, prompt_lengths, values, response_lengths, 0).response_mask
+    )
+    np.testing.assert_array_equal(
+        placed[response_mask], np.concatenate([values[b, :n] for b, n in enumerate(response_lengths)])
+    )
     assert isinstance(bcr.place_response_values, jax.stages.Wrapped)

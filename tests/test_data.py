@@ -29,8 +29,7 @@ def _write_jsonl(path, rows):
 
 def _deepmath_rows(count):
     return [
-        {"question": f"Compute {i} + {i}.", "final_answer": str(2 * i), "difficulty": 1.0 + i % 5}
-        for i in range(count)
+        {"question": f"Compute {i} + {i}.", "final_answer": str(2 * i), "difficulty": 1.0 + i % 5} for i in range(count)
     ]
 
 
@@ -87,7 +86,9 @@ def test_answer_values_are_rendered_as_text(tmp_path, cache_dir):
         "x",
     ]
     rows = [{"q": "p0", "a": 70}, {"q": "p1", "a": 27.0}, {"q": "p2", "a": 0.5}]
-    assert [p.gold for p in load_problems(spec, _write_jsonl(tmp_path / "numbers.jsonl", rows), cache_dir=cache_dir)] == [
+    assert [
+        p.gold for p in load_problems(spec, _write_jsonl(tmp_path / "numbers.jsonl", rows), cache_dir=cache_dir)
+    ] == [
         "70",
         "27",
         "0.5",
@@ -146,7 +147,9 @@ def test_loader_errors(tmp_path, cache_dir):
     with pytest.raises(ValueError, match="unknown source 'gsm8k'; registered: deepmath-103k"):
         load_problems("gsm8k", path)
     missing_column = SourceSpec("local", "train", None, "question", "final_answer", difficulty_field="level")
-    with pytest.raises(ValueError, match=r"deepmath.jsonl: difficulty field 'level' not found; columns are \['question'"):
+    with pytest.raises(
+        ValueError, match=r"deepmath.jsonl: difficulty field 'level' not found; columns are \['question'"
+    ):
         load_problems(missing_column, path, cache_dir=cache_dir)
     with pytest.raises(ValueError, match="unsupported file type"):
         load_problems("deepmath-103k", tmp_path / "data.csv")
@@ -221,7 +224,10 @@ def test_grouping_errors():
 
 
 def _problems(count, with_difficulty=True):
-    return [Problem(f"p{i}", f"problem {i}", str(i), float(i % 7) if with_difficulty else None, "test") for i in range(count)]
+    return [
+        Problem(f"p{i}", f"problem {i}", str(i), float(i % 7) if with_difficulty else None, "test")
+        for i in range(count)
+    ]
 
 
 def _ids(groups):
@@ -243,7 +249,11 @@ def test_iterator_walks_epochs_using_each_problem_once():
 
 def test_iterator_is_deterministic_per_seed():
     problems = _problems(12)  # 4 groups per epoch.
-    iterators = [GroupIterator(problems, 3, seed=1), GroupIterator(problems, 3, seed=1), GroupIterator(problems, 3, seed=2)]
+    iterators = [
+        GroupIterator(problems, 3, seed=1),
+        GroupIterator(problems, 3, seed=1),
+        GroupIterator(problems, 3, seed=2),
+    ]
     same, again, other = (_ids(next(it) for _ in range(8)) for it in iterators)
     assert same == again != other
     assert same[:4] != same[4:]  # Each epoch is reshuffled.

@@ -48,8 +48,18 @@ def test_equivalence_suite_is_large_and_covers_both_verdicts_per_category():
     for pair in pairs:
         verdicts_by_category[pair["category"]].add(pair["expected"])
     assert {
-        "fraction_decimal", "frac_variants", "left_right", "degrees", "percent", "units", "intervals",
-        "tuples", "sets", "expressions", "text", "numbers",
+        "fraction_decimal",
+        "frac_variants",
+        "left_right",
+        "degrees",
+        "percent",
+        "units",
+        "intervals",
+        "tuples",
+        "sets",
+        "expressions",
+        "text",
+        "numbers",
     } <= set(verdicts_by_category)
     assert all(verdicts == {True, False} for verdicts in verdicts_by_category.values())
 
@@ -117,7 +127,7 @@ def test_code_injection_is_never_executed(grader, tmp_path):
     payloads = [
         f"__import__('os').system('touch {marker}')",
         f"eval(\"__import__('os').system('touch {marker}')\")",
-        f"exec('open(\"{marker}\", \"w\").close()')",
+        f'exec(\'open("{marker}", "w").close()\')',
         f"\\text{{__import__('os').system('touch {marker}')}}",
         f"(lambda: __import__('subprocess').run(['touch', '{marker}']))()",
     ]
@@ -165,18 +175,15 @@ def test_wrong_markers_and_many_boxes_score_nothing(grader):
 
 
 def test_overrunning_worker_is_killed_replaced_and_the_pool_keeps_working():
-    # Without the soft deadline the tower runs until the parent kills it.
+    # Without the soft deadline the towers run until the parent kills their workers.
     with grading.Grader(num_workers=2, timeout_s=0.5, soft_deadline_fraction=None) as pool:
         start = time.monotonic()
-        verdicts = pool.grade_batch([r"9^{9^{9^{9}}}", r"9^{9^{9^{9}}}", r"\frac{1}{2}"], ["1", "1", "0.5"])
-        assert time.monotonic() - start < 2 * 0.5 + SLACK_S
-        assert verdicts == [False, False, True]
+        assert pool.grade_batch([r"9^{9^{9^{9}}}", r"10^{10^{10^{10}}} + 1"], ["1", "1"]) == [False, False]
+        assert time.monotonic() - start < 0.5 + SLACK_S
         assert pool.num_replaced == 2
-        assert pool.grade_batch([r"\dfrac{3}{4}", "0.7", r"(x+1)^2"], ["0.75", "0.75", "x^2+2x+1"]) == [
-            True,
-            False,
-            True,
-        ]
+        # The replacements grade; a generous limit keeps a loaded CI machine from failing real work.
+        answers, golds = [r"\dfrac{3}{4}", "0.7", r"(x+1)^2"], ["0.75", "0.75", "x^2+2x+1"]
+        assert pool.grade_batch(answers, golds, timeout_s=20.0) == [True, False, True]
         assert pool.num_replaced == 2
 
 

@@ -202,7 +202,13 @@ def test_segment_credit_by_hand():
     mask = np.ones((2, 2), bool)
     segment_ids = np.array([[1, 1, 2, 0], [1, 2, 2, 0]])
     result = rl.compute_advantages(
-        rl.RewardConfig(estimator="dr_grpo", credit="segment"), 2, correct, mask, mask, np.ones((2, 4), bool), segment_ids
+        rl.RewardConfig(estimator="dr_grpo", credit="segment"),
+        2,
+        correct,
+        mask,
+        mask,
+        np.ones((2, 4), bool),
+        segment_ids,
     )
     _assert_close(result.sequence_advantages, [0.0, 0.0])
     _assert_close(result.token_advantages, [[0.5, 0.5, -0.5, 0.0], [-0.5, 0.5, 0.5, 0.0]])

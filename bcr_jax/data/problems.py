@@ -224,9 +224,7 @@ def load_problems(
         fields["id"] = spec.id_field
     for role, field in fields.items():
         if field not in dataset.column_names:
-            raise ValueError(
-                f"{origin}: {role} field {field!r} not found; columns are {dataset.column_names}"
-            )
+            raise ValueError(f"{origin}: {role} field {field!r} not found; columns are {dataset.column_names}")
     columns = {role: dataset[field] for role, field in fields.items()}
 
     problems, skipped = [], []
