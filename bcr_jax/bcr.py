@@ -52,6 +52,7 @@ characters -- get segment id 0, which :mod:`bcr_jax.rl` credits with the whole-s
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import re
@@ -172,9 +173,7 @@ def _parse(response: str, n: int, require_think_close: bool) -> tuple[int, list[
             answers[0] = _boxed_answer(response, start, len(response))
         return start, answers
 
-    counts: dict[int, int] = {}
-    for _, _, k in markers:
-        counts[k] = counts.get(k, 0) + 1
+    counts = collections.Counter(k for _, _, k in markers)
     largest_k = 0
     for region_start, region_end, k in markers:
         if not 1 <= k <= n:
@@ -291,8 +290,9 @@ def assemble_prompts(
     if not token_lists:
         raise ValueError("assemble_prompts needs at least one prompt")
     lengths = np.array([len(tokens) for tokens in token_lists], dtype=np.int32)
-    for row in np.flatnonzero(lengths == 0):
-        raise ValueError(f"prompt {row} is empty")
+    empty = np.flatnonzero(lengths == 0)
+    if empty.size:
+        raise ValueError(f"prompt {empty[0]} is empty")
     width = bucket_length(int(lengths.max()), buckets, multiple_of)
     batch = np.full((len(token_lists), width), pad_id, dtype=np.int32)
     for row, tokens in enumerate(token_lists):
