@@ -17,6 +17,12 @@ from bcr_jax.data import (
 )
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Local files only: any attempt to reach the hub fails instead of downloading."""
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
 @pytest.fixture
 def cache_dir(tmp_path):
     return str(tmp_path / "hf_cache")
@@ -51,6 +57,11 @@ def test_registry():
         name: (s.hub_name, s.split, s.problem_field, s.answer_field, s.difficulty_field) for name, s in SOURCES.items()
     }
     assert got == expected
+
+
+def test_without_a_path_the_registered_hub_dataset_is_requested(cache_dir):
+    with pytest.raises(ConnectionError, match="HuggingFaceH4/MATH-500"):  # Offline: the request fails.
+        load_problems("math-500", cache_dir=cache_dir)
 
 
 def test_load_deepmath_jsonl(tmp_path, cache_dir):
