@@ -383,7 +383,10 @@ class Grader:
             now = time.monotonic()
             for slot, worker in enumerate(self._workers):
                 if worker.task is not None and now >= worker.deadline:
-                    self._replace(slot)  # Overran: killed, and its answer keeps its False verdict.
+                    if worker.conn.poll():  # Replied while we woke up: no need to kill it.
+                        self._receive(slot, verdicts)
+                    else:
+                        self._replace(slot)  # Overran: killed, and its answer keeps its False verdict.
                 elif not worker.ready and now >= worker.start_deadline:
                     raise RuntimeError(f"grading worker did not start within {self._startup_timeout_s:.0f}s")
 
