@@ -37,6 +37,7 @@ from bcr_jax.models.config import ModelConfig
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 _NEG_INF = -jnp.inf
+MAX_EOS_IDS = 8  # eos ids travel as a fixed-size traced array
 
 
 @flax.struct.dataclass
@@ -55,6 +56,8 @@ class SamplingState:
     temperature: jax.Array  # [r] float32
     top_p: jax.Array  # [r] float32
     top_k: jax.Array  # [r] int32, 0 = off
+    eos_ids: jax.Array  # [e] int32, -1 = unused slot (traced: another tokenizer's ids never recompile)
+    pad_id: jax.Array  # [] int32
     cache: transformer.KVCache
 
 
@@ -112,11 +115,11 @@ def choose_tokens(logits_bv, rng, temperature_b, top_p_b, top_k_b):
 
 # ------------------------------------------------------------------------------------------- prefill and decode
 
-def _record(state: SamplingState, token_b, logprob_b, eos_ids: tuple[int, ...], pad_id: int) -> SamplingState:
+def _record(state: SamplingState, token_b, logprob_b) -> SamplingState:
     """Writes this step's tokens into column `state.step`; rows that were already done get padding."""
-    token_b = jnp.where(state.done, pad_id, token_b)
+    token_b = jnp.where(state.done, state.pad_id, token_b)
     logprob_b = jnp.where(state.done, 0.0, logprob_b)
-    is_eos_b = jnp.isin(token_b, jnp.asarray(eos_ids, jnp.int32)) & ~state.done
+    is_eos_b = jnp.any(token_b[:, None] == state.eos_ids[None, :], axis=1) & ~state.done
     return state.replace(
         tokens=jax.lax.dynamic_update_slice(state.tokens, token_b[:, None], (0, state.step)),
         logprobs=jax.lax.dynamic_update_slice(state.logprobs, logprob_b[:, None], (0, state.step)),
@@ -129,7 +132,7 @@ def _record(state: SamplingState, token_b, logprob_b, eos_ids: tuple[int, ...], 
 
 
 def _prefill(cfg: ModelConfig, params, prompt_bp, prompt_mask_bp, row_is_real_r, rng, temperature_r, top_p_r, top_k_r,
-             *, num_samples: int, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int) -> SamplingState:
+             eos_ids, pad_id, *, num_samples: int, max_new_tokens: int) -> SamplingState:
     TRACE_COUNTS["prefill"] += 1
     b, p = prompt_bp.shape
     cache = transformer.KVCache.init(cfg, b, p + max_new_tokens)
@@ -154,13 +157,14 @@ def _prefill(cfg: ModelConfig, params, prompt_bp, prompt_mask_bp, row_is_real_r,
         step=jnp.zeros((), jnp.int32),
         rng=rng,
         temperature=temperature_r, top_p=top_p_r, top_k=top_k_r,
+        eos_ids=eos_ids, pad_id=pad_id,
         cache=cache,
     )
     token_r, logprob_r = choose_tokens(repeat(last_logits_bv), step_rng, temperature_r, top_p_r, top_k_r)
-    return _record(state, token_r, logprob_r, eos_ids, pad_id)
+    return _record(state, token_r, logprob_r)
 
 
-def _decode(cfg: ModelConfig, params, state: SamplingState, *, eos_ids: tuple[int, ...], pad_id: int) -> SamplingState:
+def _decode(cfg: ModelConfig, params, state: SamplingState) -> SamplingState:
     TRACE_COUNTS["decode"] += 1
     max_new_tokens = state.tokens.shape[1]
 
@@ -171,7 +175,7 @@ def _decode(cfg: ModelConfig, params, state: SamplingState, *, eos_ids: tuple[in
         rng, step_rng = jax.random.split(state.rng)
         token_r, logprob_r = choose_tokens(logits_rv, step_rng, state.temperature, state.top_p, state.top_k)
         state = state.replace(cache=cache, rng=rng, next_position=state.next_position + 1)
-        return _record(state, token_r, logprob_r, eos_ids, pad_id)
+        return _record(state, token_r, logprob_r)
 
     def keep_going(state: SamplingState):
         return (state.step < max_new_tokens) & ~jnp.all(state.done)
@@ -188,18 +192,19 @@ def _state_shardings(mesh: Mesh, cfg: ModelConfig, rows: int, cache_shape: tuple
     return SamplingState(
         tokens=row(2), logprobs=row(2), last_token=row(1), next_position=row(1), done=row(1), hit_eos=row(1),
         lengths=row(1), step=replicated, rng=replicated, temperature=row(1), top_p=row(1), top_k=row(1),
+        eos_ids=replicated, pad_id=replicated,
         cache=transformer.KVCache(k=(cache_kv,) * cfg.num_layers, v=(cache_kv,) * cfg.num_layers, valid=row(2),
                                   index=replicated),
     )
 
 
 @functools.lru_cache(maxsize=64)
-def _programs(cfg: ModelConfig, mesh: Mesh | None, param_shardings_key, num_samples: int, max_new_tokens: int,
-              eos_ids: tuple[int, ...], pad_id: int, batch: int, prompt_len: int):
-    """The jitted prefill and decode for one bucket (jax.jit caches by shape too; this keeps shardings explicit)."""
-    prefill = functools.partial(_prefill, cfg, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                eos_ids=eos_ids, pad_id=pad_id)
-    decode = functools.partial(_decode, cfg, eos_ids=eos_ids, pad_id=pad_id)
+def _programs(cfg: ModelConfig, num_samples: int, max_new_tokens: int, mesh: Mesh | None = None,
+              param_shardings_key=None, batch: int = 0, prompt_len: int = 0):
+    """The jitted prefill and decode. Without a mesh, one pair serves every bucket (jax.jit caches by shape); with
+    one, a pair per bucket carries the explicit in/out shardings."""
+    prefill = functools.partial(_prefill, cfg, num_samples=num_samples, max_new_tokens=max_new_tokens)
+    decode = functools.partial(_decode, cfg)
     if mesh is None:
         return jax.jit(prefill), jax.jit(decode, donate_argnums=(1,))
     rows = batch * num_samples
@@ -209,7 +214,8 @@ def _programs(cfg: ModelConfig, mesh: Mesh | None, param_shardings_key, num_samp
     prompt = sharding_lib.batch_sharding(mesh, 2, batch)
     row = sharding_lib.batch_sharding(mesh, 1, rows)
     replicated = NamedSharding(mesh, P())
-    prefill_jit = jax.jit(prefill, in_shardings=(param_shardings, prompt, prompt, row, replicated, row, row, row),
+    prefill_jit = jax.jit(prefill, in_shardings=(param_shardings, prompt, prompt, row, replicated, row, row, row,
+                                                 replicated, replicated),
                           out_shardings=state_shardings)
     decode_jit = jax.jit(decode, in_shardings=(param_shardings, state_shardings), out_shardings=state_shardings,
                          donate_argnums=(1,))
@@ -288,10 +294,18 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     temperature_r, top_p_r, top_k_r = per_row(temperature_p, 0), per_row(top_p_p, 1), per_row(top_k_p, 0)
     row_is_real_r = np.repeat(np.arange(batch) < num_prompts, num_samples)
 
-    shardings_key = None if mesh is None else _HashableTree(jax.tree.map(lambda x: x.sharding, params))
-    prefill, decode = _programs(cfg, mesh, shardings_key, num_samples, max_new_tokens, tuple(int(e) for e in eos_ids),
-                                int(pad_id), batch, prompt_len)
-    state = prefill(params, prompt_bp, mask_bp, row_is_real_r, jax.random.key(seed), temperature_r, top_p_r, top_k_r)
+    if len(eos_ids) > MAX_EOS_IDS:
+        raise ValueError(f"eos_ids: at most {MAX_EOS_IDS} ids, got {len(eos_ids)}")
+    eos_array = np.full((MAX_EOS_IDS,), -1, np.int32)
+    eos_array[:len(eos_ids)] = list(eos_ids)
+
+    if mesh is None:
+        prefill, decode = _programs(cfg, num_samples, max_new_tokens)
+    else:
+        shardings_key = _HashableTree(jax.tree.map(lambda x: x.sharding, params))
+        prefill, decode = _programs(cfg, num_samples, max_new_tokens, mesh, shardings_key, batch, prompt_len)
+    state = prefill(params, prompt_bp, mask_bp, row_is_real_r, jax.random.key(seed), temperature_r, top_p_r, top_k_r,
+                    eos_array, np.int32(pad_id))
     state = decode(params, state)
 
     real_rows = num_prompts * num_samples
