@@ -158,6 +158,10 @@ def test_megabyte_inputs_are_rejected_cheaply(grader):
     start = time.monotonic()
     assert bcr.split_answers("Answer 1::\\boxed{" + braces, 1) == [None]
     assert bcr.split_answers(f"Answer 1::\\boxed{{{long_expression}}}", 1) == [long_expression]
+    long_reasoning = "Let me think about this carefully. " * 30_000 + "Answer 1::\\boxed{12} Answer 2::\\boxed{x}"
+    assert len(long_reasoning) > 2**20
+    assert bcr.split_answers(long_reasoning, 2, require_think_close=True) == [None, None]
+    assert bcr.split_answers(long_reasoning, 2) == ["12", "x"]
     answers = [braces, "}" * 2**20, long_expression, "x" * 2**20]
     assert grader.grade_batch(answers, ["1"] * len(answers)) == [False] * len(answers)
     assert time.monotonic() - start < 5.0
