@@ -75,6 +75,8 @@ SOURCES: dict[str, SourceSpec] = {
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
+    """One problem with its gold answer; ``difficulty`` is None where the source has none."""
+
     id: str
     text: str
     gold: str
@@ -87,7 +89,7 @@ class RowError:
     """Why one row was rejected."""
 
     origin: str  # The file path, or the hub name and split.
-    row: int
+    row: int  # 0-based index in the file (or split).
     field: str
     reason: str
 
@@ -96,6 +98,8 @@ class RowError:
 
 
 class MalformedRowError(ValueError):
+    """A row failed validation; ``error`` says where and why."""
+
     def __init__(self, error: RowError):
         super().__init__(str(error))
         self.error = error
@@ -225,7 +229,8 @@ def load_problems(
     for role, field in fields.items():
         if field not in dataset.column_names:
             raise ValueError(f"{origin}: {role} field {field!r} not found; columns are {dataset.column_names}")
-    columns = {role: dataset[field] for role, field in fields.items()}
+    column_values = dataset.select_columns(list(dict.fromkeys(fields.values()))).to_dict()  # One bulk read.
+    columns = {role: column_values[field] for role, field in fields.items()}
 
     problems, skipped = [], []
     for row in range(len(dataset)):
