@@ -92,7 +92,7 @@ def test_answer_length_cap_is_inclusive(grader):
     assert grader.grade_batch([at_cap, at_cap + " "], ["7", "7"]) == [True, False]
 
 
-def test_text_normalisation_and_word_answers():
+def test_text_helpers():
     assert grading.normalize_text(r" \text{ Yes }. ") == "Yes"
     assert grading.normalize_text(r"$\mathrm{x} + 1$") == "x+1"
     assert grading.strip_math_delimiters(r"\( x \)") == "x"
