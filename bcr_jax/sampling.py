@@ -138,7 +138,7 @@ def _prefill(cfg: ModelConfig, params, prompt_bp, prompt_mask_bp, row_is_real_r,
     cache = transformer.KVCache.init(cfg, b, p + max_new_tokens)
     positions_bp = jnp.maximum(jnp.cumsum(prompt_mask_bp, axis=1) - 1, 0).astype(jnp.int32)
     hidden_bpd, cache = transformer.forward(cfg, params, prompt_bp, positions_bt=positions_bp,
-                                            input_mask_bt=prompt_mask_bp, cache=cache)
+                                            input_mask_bt=prompt_mask_bp, cache=cache, fresh_cache=True)
     last_logits_bv = transformer.logits_from_hidden(cfg, params, hidden_bpd[:, -1:])[:, 0]
 
     # One prefill per prompt; its cache and logits are repeated for the prompt's samples.
@@ -167,6 +167,8 @@ def _prefill(cfg: ModelConfig, params, prompt_bp, prompt_mask_bp, row_is_real_r,
 def _decode(cfg: ModelConfig, params, state: SamplingState) -> SamplingState:
     TRACE_COUNTS["decode"] += 1
     max_new_tokens = state.tokens.shape[1]
+    if not cfg.scan_layers:
+        params = transformer.unstack_layers(params)  # once, outside the loop (see unstack_layers)
 
     def step(state: SamplingState) -> SamplingState:
         hidden_r1d, cache = transformer.forward(cfg, params, state.last_token[:, None],

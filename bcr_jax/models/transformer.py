@@ -109,9 +109,11 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
     return jax.tree_util.tree_unflatten(treedef, [init_leaf(p, s, k) for (p, s), k in zip(leaves, keys)])
 
 
-def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index):
+def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index,
+                     fresh_cache: bool):
     """Self-attention for one layer. With a cache, `kv` is this layer's (k, v) buffers [b, k, s, h]: this step's
-    keys/values are written at slot `write_index` (in place), then attention reads all slots."""
+    keys/values are written at slot `write_index` (in place), then attention reads all slots — or, for a prefill
+    into an empty cache (`fresh_cache`), only the new tokens, skipping the empty slots."""
     q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, p["q_proj"]["kernel"])
     k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, p["k_proj"]["kernel"])
     v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, p["v_proj"]["kernel"])
@@ -125,29 +127,32 @@ def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_
     v_bkth = v_btkh.transpose(0, 2, 1, 3)
     if kv is not None:
         k_bksh, v_bksh = kv
-        k_bkth = jax.lax.dynamic_update_slice(k_bksh, k_bkth.astype(k_bksh.dtype), (0, 0, write_index, 0))
-        v_bkth = jax.lax.dynamic_update_slice(v_bksh, v_bkth.astype(v_bksh.dtype), (0, 0, write_index, 0))
-        kv = (k_bkth, v_bkth)
+        k_bksh = jax.lax.dynamic_update_slice(k_bksh, k_bkth.astype(k_bksh.dtype), (0, 0, write_index, 0))
+        v_bksh = jax.lax.dynamic_update_slice(v_bksh, v_bkth.astype(v_bksh.dtype), (0, 0, write_index, 0))
+        kv = (k_bksh, v_bksh)
+        if not fresh_cache:
+            k_bkth, v_bkth = k_bksh, v_bksh
     out_btnh = layers.attend(q_btnh, k_bkth, v_bkth, mask_bts)
     return jnp.einsum("btnh,nhd->btd", out_btnh, p["o_proj"]["kernel"]), kv
 
 
-def _decoder_layer(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index):
+def _decoder_layer(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index, fresh_cache):
     attn_out, kv = _attention_block(
         cfg, p["attn"], layers.rms_norm(x_btd, p["input_norm"]["scale"], cfg.rms_norm_eps),
-        cos_bth, sin_bth, mask_bts, kv, write_index)
+        cos_bth, sin_bth, mask_bts, kv, write_index, fresh_cache)
     x_btd = x_btd + attn_out
     x_btd = x_btd + layers.swiglu_mlp(p["mlp"], layers.rms_norm(x_btd, p["post_attn_norm"]["scale"], cfg.rms_norm_eps))
     return x_btd, kv
 
 
 def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, input_mask_bt=None,
-            cache: KVCache | None = None):
+            cache: KVCache | None = None, fresh_cache: bool = False):
     """Runs the decoder and returns (final hidden states [b, t, d] after the last norm, updated cache or None).
 
     tokens_bt: int32 token ids. positions_bt: RoPE positions (default 0..t-1). input_mask_bt: True for real tokens,
     False for padding (default all True); padding keys are never attended to. With a `cache`, the t new tokens are
-    written into slots [cache.index, cache.index + t) and attend to every valid earlier slot.
+    written into slots [cache.index, cache.index + t) and attend to every valid earlier slot. `fresh_cache=True`
+    promises the cache is empty (index 0, a prefill): attention then skips the cache's unwritten slots.
     """
     b, t = tokens_bt.shape
     if input_mask_bt is None:
@@ -156,13 +161,14 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, i
         positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos_bth, sin_bth = layers.rope_cos_sin(cfg, positions_bt)
 
-    if cache is None:
-        key_valid_bs, query_slot_t, key_slot_s, write_index = input_mask_bt, jnp.arange(t), jnp.arange(t), None
-    else:
-        write_index = cache.index
+    write_index = None if cache is None else cache.index
+    if cache is not None:
         key_valid_bs = jax.lax.dynamic_update_slice(cache.valid, input_mask_bt, (0, write_index))
+    if cache is None or fresh_cache:
+        mask_bts = input_mask_bt[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]
+    else:
         query_slot_t, key_slot_s = write_index + jnp.arange(t), jnp.arange(cache.num_slots)
-    mask_bts = key_valid_bs[:, None, :] & (key_slot_s[None, None, :] <= query_slot_t[None, :, None])
+        mask_bts = key_valid_bs[:, None, :] & (key_slot_s[None, None, :] <= query_slot_t[None, :, None])
 
     x_btd = params["embed"]["embedding"][tokens_bt].astype(cfg.jnp_dtype)
     new_k, new_v = [], []
@@ -171,17 +177,17 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, i
         # costs a cache copy per call: decode loops should use scan_layers=False.
         def body(x, per_layer):
             p, kv = per_layer
-            return _decoder_layer(cfg, p, x, cos_bth, sin_bth, mask_bts, kv, write_index)
+            return _decoder_layer(cfg, p, x, cos_bth, sin_bth, mask_bts, kv, write_index, fresh_cache)
 
         kv_in = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
         x_btd, kv_out = jax.lax.scan(body, x_btd, (params["layers"], kv_in))
         if cache is not None:
             new_k, new_v = list(kv_out[0]), list(kv_out[1])
     else:
-        for layer in range(cfg.num_layers):
-            p = jax.tree.map(lambda a: a[layer], params["layers"])
+        per_layer = params["layers"] if isinstance(params["layers"], (list, tuple)) else unstack_layers(params)["layers"]
+        for layer, p in enumerate(per_layer):
             kv = None if cache is None else (cache.k[layer], cache.v[layer])
-            x_btd, kv = _decoder_layer(cfg, p, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index)
+            x_btd, kv = _decoder_layer(cfg, p, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index, fresh_cache)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -190,6 +196,19 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, i
     if cache is not None:
         cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid_bs, index=write_index + t)
     return hidden_btd, cache
+
+
+def unstack_layers(params: Params) -> Params:
+    """params with `layers` as a tuple of per-layer trees instead of stacked arrays (`forward` takes either).
+
+    Decode loops call this once, outside the `while_loop`: slicing stacked weights inside the loop body makes XLA
+    copy every layer's weights on every step.
+    """
+    stacked = params["layers"]
+    if isinstance(stacked, (list, tuple)):
+        return params
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers))}
 
 
 def logits_from_hidden(cfg: ModelConfig, params: Params, hidden_btd):
