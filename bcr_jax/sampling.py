@@ -106,9 +106,14 @@ def choose_tokens(logits_bv, rng, temperature_b, top_p_b, top_k_b):
         logprob_b = jnp.take_along_axis(jax.nn.log_softmax(scaled_bv, axis=-1), token_b[:, None], axis=-1)[:, 0]
         return token_b, logprob_b
 
-    sampled_b, sampled_logprob_b = jax.lax.cond(needs_filter, filtered, unfiltered, None)
     greedy_token_b = jnp.argmax(logits_bv, axis=-1)
     greedy_logprob_b = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1), greedy_token_b[:, None], axis=-1)[:, 0]
+
+    def all_greedy(_):  # no random bits at all: threefry over [b, v] costs more than a small model's forward
+        return greedy_token_b, greedy_logprob_b
+
+    branch = jnp.where(jnp.all(greedy_b), 0, jnp.where(needs_filter, 2, 1))
+    sampled_b, sampled_logprob_b = jax.lax.switch(branch, (all_greedy, unfiltered, filtered), None)
     token_b = jnp.where(greedy_b, greedy_token_b, sampled_b).astype(jnp.int32)
     return token_b, jnp.where(greedy_b, greedy_logprob_b, sampled_logprob_b)
 

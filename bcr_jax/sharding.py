@@ -113,7 +113,8 @@ def batch_sharding(mesh: Mesh, rank: int, batch_size: int | None = None) -> Name
 
 
 def kv_cache_spec(cache_shape: tuple[int, ...], mesh: Mesh) -> P:
-    """One layer's [b, k, s, h] cache: rows over the batch axes, kv heads over tensor (like the k/v projections)."""
+    """One layer's cache ([b, k, h, s] keys, [b, k, s, h] values): rows over the batch axes, kv heads over tensor
+    (like the k/v projections)."""
     return _fit(P(BATCH_AXES, "tensor", None, None), cache_shape, mesh)
 
 

@@ -197,9 +197,11 @@ def test_sharded_forward_equals_single_device(tiny, mesh_shape):
     sharded = forward(cfg_sharded, params_sharded, jnp.asarray(tokens))
     assert sharded.sharding.spec[0] == ("data", "fsdp")
     single = models.forward_logits(cfg, params, jnp.asarray(tokens))
-    # fsdp splits the d-contraction into partial sums + all-reduce: same math, another float32 summation order, so
-    # the difference is rounding, bounded at 1e-5 absolute plus 1e-5 relative (logits here reach |5|).
-    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5, rtol=1e-5)
+    # fsdp splits the d-contraction into partial sums + all-reduce: same math, another float32 summation order. The
+    # rounding difference scales with the activations, so the bound is 1e-5 of the logit scale (logits reach |5|;
+    # observed max differences are 2-3e-6 of it).
+    single = np.asarray(single)
+    assert np.abs(np.asarray(sharded) - single).max() <= 1e-5 * np.abs(single).max()
 
 
 def test_every_param_matches_a_rule_and_unknown_params_raise():

@@ -91,21 +91,22 @@ def apply_rope(x_btnh, cos_bth, sin_bth):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
 
 
-def attend(q_btnh, k_bksh, v_bksh, mask_bts):
-    """Grouped-query softmax attention; `mask_bts` is True where query t may read key s.
+def attend(q_btnh, k_bkhs, v_bksh, mask_bts):
+    """Grouped-query softmax attention; `mask_bts` is True where query t may read key s. Returns [b, t, n, h].
 
-    Keys/values come heads-first ([b, k, s, h], the KV-cache layout) so that both contractions are plain batched
-    matmuls over (b, k) with contiguous operands — 5x faster than a sequence-first layout on XLA:CPU decode.
+    Keys come as [b, k, h, s] and values as [b, k, s, h] (the KV-cache layouts): both contractions are then
+    plain batched matmuls over (b, k) whose right operand is already in row-major [contracted, free] order. With
+    keys as [b, k, s, h], XLA:CPU re-packed the whole key cache on every decode step (4x slower scores).
     """
     b, t, n, h = q_btnh.shape
-    kv_heads = k_bksh.shape[1]
+    kv_heads = k_bkhs.shape[1]
     q_bkgth = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkgth,bkhs->bkgts", q_bkgth, k_bkhs, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(h))
     scores = jnp.where(mask_bts[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
     out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh)
-    return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)  # a free bitcast when t = 1 (decode)
 
 
 def swiglu_mlp(p, x_btd):

@@ -40,18 +40,19 @@ class KVCache:
     (False for left padding), so ragged prompts share one write index: slot `index` is written next for every row.
     """
 
-    k: tuple[jax.Array, ...]  # l x [b, k, s, h] (heads before slots: attention reads contiguous [s, h] blocks)
+    k: tuple[jax.Array, ...]  # l x [b, k, h, s]  (layouts chosen for XLA's batched matmuls: see layers.attend)
     v: tuple[jax.Array, ...]  # l x [b, k, s, h]
     valid: jax.Array  # [b, s] bool
     index: jax.Array  # [] int32
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch_size: int, num_slots: int, dtype=None) -> "KVCache":
-        shape = (batch_size, cfg.num_kv_heads, num_slots, cfg.head_dim)
+        k_shape = (batch_size, cfg.num_kv_heads, cfg.head_dim, num_slots)
+        v_shape = (batch_size, cfg.num_kv_heads, num_slots, cfg.head_dim)
         dtype = dtype or cfg.jnp_dtype
         return cls(
-            k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            k=tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
+            v=tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),
             valid=jnp.zeros((batch_size, num_slots), bool),
             index=jnp.zeros((), jnp.int32),
         )
@@ -111,7 +112,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
 
 def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index,
                      fresh_cache: bool):
-    """Self-attention for one layer. With a cache, `kv` is this layer's (k, v) buffers [b, k, s, h]: this step's
+    """Self-attention for one layer. With a cache, `kv` is this layer's (k [b,k,h,s], v [b,k,s,h]) buffers: this step's
     keys/values are written at slot `write_index` (in place), then attention reads all slots — or, for a prefill
     into an empty cache (`fresh_cache`), only the new tokens, skipping the empty slots."""
     q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, p["q_proj"]["kernel"])
@@ -123,17 +124,22 @@ def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_
         q_btnh = layers.rms_norm(q_btnh, p["q_norm"]["scale"], cfg.rms_norm_eps)
         k_btkh = layers.rms_norm(k_btkh, p["k_norm"]["scale"], cfg.rms_norm_eps)
     q_btnh = layers.apply_rope(q_btnh, cos_bth, sin_bth)
-    k_bkth = layers.apply_rope(k_btkh, cos_bth, sin_bth).transpose(0, 2, 1, 3)
+    k_bkht = layers.apply_rope(k_btkh, cos_bth, sin_bth).transpose(0, 2, 3, 1)
     v_bkth = v_btkh.transpose(0, 2, 1, 3)
     if kv is not None:
-        k_bksh, v_bksh = kv
-        k_bksh = jax.lax.dynamic_update_slice(k_bksh, k_bkth.astype(k_bksh.dtype), (0, 0, write_index, 0))
+        k_bkhs, v_bksh = kv
+        k_bkhs = jax.lax.dynamic_update_slice(k_bkhs, k_bkht.astype(k_bkhs.dtype), (0, 0, 0, write_index))
         v_bksh = jax.lax.dynamic_update_slice(v_bksh, v_bkth.astype(v_bksh.dtype), (0, 0, write_index, 0))
-        kv = (k_bksh, v_bksh)
+        kv = (k_bkhs, v_bksh)
         if not fresh_cache:
-            k_bkth, v_bkth = k_bksh, v_bksh
-    out_btnh = layers.attend(q_btnh, k_bkth, v_bkth, mask_bts)
-    return jnp.einsum("btnh,nhd->btd", out_btnh, p["o_proj"]["kernel"]), kv
+            k_bkht, v_bkth = k_bkhs, v_bksh
+    out_btnh = layers.attend(q_btnh, k_bkht, v_bkth, mask_bts)
+    # One merged contraction axis (n*h): einsum orders several contracted labels alphabetically ("hn"), which made
+    # XLA transpose the o_proj weights on every decode step.
+    b, t = out_btnh.shape[:2]
+    out_btx = out_btnh.reshape(b, t, cfg.num_heads * cfg.head_dim)
+    o_xd = p["o_proj"]["kernel"].reshape(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+    return jnp.einsum("btx,xd->btd", out_btx, o_xd), kv
 
 
 def _decoder_layer(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index, fresh_cache):
