@@ -34,11 +34,12 @@ Method
   `torch.mm`, measured in the same run (before it and after every pass); the larger of the two is the machine's
   fp32 matmul peak for the "% peak" column.
 * Threads: torch uses as many intra-op threads as this process may use cores; XLA's CPU backend uses all of them
-  by default. `OMP_WAIT_POLICY` defaults to PASSIVE (set it in the environment to override): with libgomp's default
-  spin-waiting, torch's 2-thread `generate` slows down 7-20x as soon as another process takes a core (measured
-  here: 0.85 s with 1 thread, 7-21 s with 2 threads, 1.1-1.3 s with 2 threads and PASSIVE, other jobs running).
-  The 1-minute load average before and after the run is printed with the results: above the core count, other
-  processes competed for the cores and absolute numbers are pessimistic (the per-pass ratios suffer less).
+  by default. libgomp's default spin-waiting is left alone, because it is torch's best setting on an idle machine
+  (measured here, idle: bench-qwen3 B=32 3,400-3,800 tok/s with the default, 1,750-1,900 with
+  OMP_WAIT_POLICY=PASSIVE — PASSIVE would halve the reference and inflate every ratio). On a *loaded* machine,
+  spin-waiting makes torch's 2-thread `generate` 7-20x slower; set `OMP_WAIT_POLICY=PASSIVE` in the environment
+  there and say so. The 1-minute load average before and after the run is printed with the results: above the
+  core count, other processes competed for the cores and the figures are not comparable.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp; see the module docstring
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+# One XLA host device per core, before jax loads: the "ours, 1 device/core" engine shards the batch over them.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={CORES}"
 
 import jax
 import jax.numpy as jnp
@@ -68,9 +72,9 @@ import torch
 
 from bcr_jax.models import ModelConfig, get_preset, init_params, load_hf, read_hf_config, save_hf
 from bcr_jax.sampling import generate
+from bcr_jax.sharding import make_mesh
 from bcr_jax.tools.smollm2 import ensure_smollm2
 
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 REFERENCE = "transformers"  # the engine every ratio and agreement is taken against
 # init_params' default std (0.02) makes bench-qwen3's greedy rows repeat one token (1.75 distinct tokens per 128),
 # which would make the agreement check vacuous; at 0.1 rows look random (~109 distinct). Speed does not depend on it.
@@ -153,13 +157,13 @@ class EngineUnavailable(Exception):
     """The engine cannot run this workload here (missing package, unsupported architecture); the message says why."""
 
 
-def ours(w: Workload) -> Runner:
-    _, params = load_hf(w.hf_dir, dtype="float32")
+def ours(w: Workload, mesh=None) -> Runner:
+    _, params = load_hf(w.hf_dir, dtype="float32", mesh=mesh)
     prompts = w.prompts.tolist()
 
     def run() -> np.ndarray:
         out = generate(w.cfg, params, prompts, max_new_tokens=w.case.new_tokens, temperature=0.0, eos_ids=(),
-                       pad_id=0)
+                       pad_id=0, mesh=mesh)
         if not np.all(out.lengths == w.case.new_tokens):
             raise AssertionError(f"ours: row lengths {sorted(set(out.lengths.tolist()))}, expected all "
                                  f"{w.case.new_tokens}")
@@ -257,7 +261,16 @@ class _IdTokenizer:
         return 0
 
 
-ENGINES: dict[str, Callable[[Workload], Runner]] = {"ours": ours, REFERENCE: hf_transformers, "tunix": tunix}
+def ours_data_parallel(w: Workload) -> Runner:
+    """Ours with one XLA device per core and the rows split over the mesh's data axis: each core runs its own
+    half-batch program, instead of every op spreading over the cores' shared intra-op thread pool."""
+    if jax.device_count() < 2:
+        raise EngineUnavailable("one CPU core: nothing to split")
+    return ours(w, mesh=make_mesh(data=jax.device_count()))
+
+
+ENGINES: dict[str, Callable[[Workload], Runner]] = {
+    "ours": ours, "ours, 1 device/core": ours_data_parallel, REFERENCE: hf_transformers, "tunix": tunix}
 
 
 # ------------------------------------------------------------------------------------------------ harness
