@@ -5,9 +5,9 @@ rows share one cache write index; `KVCache.valid` hides the padding. Each prompt
 repeated for its G samples. The decode loop writes one token per row per step into a fixed [rows, max_new_tokens]
 buffer and stops as soon as every row has emitted an EOS id or the budget is spent.
 
-Knobs. Temperature, top-p and top-k are per-row traced arrays: changing them never recompiles. Temperature 0 means
-greedy. Sorting the vocabulary (needed for top-p / top-k) happens under `lax.cond` only on steps where some row asks
-for filtering.
+Knobs. Temperature, top-p, top-k, the EOS ids and the pad id are traced arrays: changing them never recompiles.
+Temperature 0 means greedy. A `lax.switch` picks the cheapest token choice each step: no random bits when every row
+is greedy, and a vocabulary sort (for top-p / top-k) only when some row asks for filtering.
 
 Log-probs are those of the distribution each token was drawn from: log_softmax(logits / T) restricted to the top-k /
 top-p support and renormalised; for greedy rows (T = 0), log_softmax(logits) of the chosen token.
