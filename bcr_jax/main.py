@@ -7,7 +7,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 
 from bcr_jax import models, sampling, sharding
