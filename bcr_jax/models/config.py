@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -24,14 +25,6 @@ import jax.numpy as jnp
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
-# config.json keys that we translate explicitly (everything else goes to hf_extra or is dropped as derived).
-_MODELLED_KEYS = {
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps",
-    "tie_word_embeddings", "max_position_embeddings", "attention_bias", "mlp_bias", "hidden_act",
-    "use_sliding_window", "sliding_window", "layer_types", "torch_dtype", "dtype", "architectures",
-    "transformers_version", "attention_dropout", "initializer_range", "use_cache",
-}
 # Kept verbatim on export when present: they matter to tokenizers/generation, not to the math.
 _PRESERVED_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_window_layers", "pretraining_tp")
 
@@ -79,11 +72,6 @@ class ModelConfig:
     @property
     def jnp_dtype(self):
         return _DTYPES[self.dtype]
-
-    @property
-    def num_groups(self) -> int:
-        """Query heads per key/value head (grouped-query attention)."""
-        return self.num_heads // self.num_kv_heads
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -187,8 +175,6 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 def read_hf_config(path, *, dtype: str = "float32") -> ModelConfig:
     """Reads `<path>/config.json`."""
-    import pathlib
-
     file = pathlib.Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json in the checkpoint directory")

@@ -104,7 +104,7 @@ def _set_path(tree: dict, path: str, value) -> None:
     tree[leaf] = value
 
 
-def _to_ours(rule: TensorRule, cfg: ModelConfig, array: np.ndarray, our_shape: tuple[int, ...]) -> np.ndarray:
+def _to_ours(rule: TensorRule, array: np.ndarray, our_shape: tuple[int, ...]) -> np.ndarray:
     return (array.T if rule.transposed else array).reshape(our_shape)
 
 
@@ -198,7 +198,7 @@ def load_hf(path, dtype: str = "float32", *, mesh=None, rules=sharding_lib.PARAM
 
         def read_ours(layer, rule=rule, our_shape=our_shape):
             array = checkpoint.read(rule.hf_key.format(layer=layer))
-            return _to_ours(rule, cfg, array, our_shape).astype(target_dtype)
+            return _to_ours(rule, array, our_shape).astype(target_dtype)
 
         def callback(index, rule=rule, read_ours=read_ours):
             if not rule.per_layer:

@@ -190,8 +190,7 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, i
         if cache is not None:
             new_k, new_v = list(kv_out[0]), list(kv_out[1])
     else:
-        per_layer = params["layers"] if isinstance(params["layers"], (list, tuple)) else unstack_layers(params)["layers"]
-        for layer, p in enumerate(per_layer):
+        for layer, p in enumerate(unstack_layers(params)["layers"]):
             kv = None if cache is None else (cache.k[layer], cache.v[layer])
             x_btd, kv = _decoder_layer(cfg, p, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index, fresh_cache)
             if kv is not None:
