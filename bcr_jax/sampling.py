@@ -5,6 +5,12 @@ rows share one cache write index; `KVCache.valid` hides the padding. Each prompt
 repeated for its G samples. The decode loop writes one token per row per step into a fixed [rows, max_new_tokens]
 buffer and stops as soon as every row has emitted an EOS id or the budget is spent.
 
+Growing cache. The prefill's cache holds the prompt only; decoding appends cache blocks (`KVCache.extend`) a segment
+at a time, each segment its own compiled `while_loop`, so a step attends over the slots that exist so far rather than
+the whole budget. With BCR's long shared budgets (5k-8k tokens, most rows ending well before), this reads about
+P + 5/8 of the budget on average with 4 blocks instead of P + all of it, and never runs the blocks past the step at
+which every row ended. Existing blocks are never copied: peak memory is that of one full-budget cache.
+
 Knobs. Temperature, top-p, top-k, the EOS ids and the pad id are traced arrays: changing them never recompiles.
 Temperature 0 means greedy. A `lax.switch` picks the cheapest token choice each step: no random bits when every row
 is greedy, and a vocabulary sort (for top-p / top-k) only when some row asks for filtering.
@@ -13,7 +19,8 @@ Log-probs are those of the distribution each token was drawn from: log_softmax(l
 top-p support and renormalised; for greedy rows (T = 0), log_softmax(logits) of the chosen token.
 
 Compilation. Prompt lengths are bucketed to powers of two (>= 16) and the number of prompts to powers of two (and to a
-multiple of the mesh's batch axes), so a training run compiles a handful of shapes; `TRACE_COUNTS` counts traces.
+multiple of the mesh's batch axes), so a training run compiles a handful of shapes (a prefill per bucket and a decode
+segment per bucket and block); `TRACE_COUNTS` counts traces.
 """
 
 from __future__ import annotations
@@ -88,26 +95,41 @@ def _filtered_sorted_logits(scaled_bv, top_p_b, top_k_b):
     return jnp.where(keep_bv, sorted_bv, _NEG_INF), order_bv
 
 
+def _logprob_of(logits_bv, token_b):
+    """log_softmax(logits)[token] without materialising the [b, v] log-softmax."""
+    chosen_b = jnp.take_along_axis(logits_bv, token_b[:, None], axis=-1)[:, 0]
+    return chosen_b - jax.nn.logsumexp(logits_bv, axis=-1)
+
+
+def _greedy(logits_bv):
+    """argmax (the first maximal id, as jnp.argmax) and its log-prob, as plain max/min reductions: XLA:CPU's
+    variadic argmax reduction cost more than the lm_head matmul's tail on small models."""
+    max_b = jnp.max(logits_bv, axis=-1)
+    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits_bv.shape, 1)
+    token_b = jnp.min(jnp.where(logits_bv == max_b[:, None], vocab_ids, logits_bv.shape[-1]), axis=-1)
+    return token_b, -jnp.log(jnp.sum(jnp.exp(logits_bv - max_b[:, None]), axis=-1))
+
+
 def choose_tokens(logits_bv, rng, temperature_b, top_p_b, top_k_b):
     """Samples one token per row; returns (tokens [b] int32, their log-probs [b] float32)."""
     logits_bv = logits_bv.astype(jnp.float32)
     greedy_b = temperature_b <= 0
-    scaled_bv = logits_bv / jnp.where(greedy_b, 1.0, temperature_b)[:, None]
     needs_filter = jnp.any(~greedy_b & ((top_p_b < 1.0) | (top_k_b > 0)))
 
+    def scaled():
+        return logits_bv / jnp.where(greedy_b, 1.0, temperature_b)[:, None]
+
     def filtered(_):
-        sorted_bv, order_bv = _filtered_sorted_logits(scaled_bv, top_p_b, top_k_b)
+        sorted_bv, order_bv = _filtered_sorted_logits(scaled(), top_p_b, top_k_b)
         choice_b = jax.random.categorical(rng, sorted_bv, axis=-1)
-        logprob_b = jnp.take_along_axis(jax.nn.log_softmax(sorted_bv, axis=-1), choice_b[:, None], axis=-1)[:, 0]
-        return jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0], logprob_b
+        return jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0], _logprob_of(sorted_bv, choice_b)
 
     def unfiltered(_):
+        scaled_bv = scaled()
         token_b = jax.random.categorical(rng, scaled_bv, axis=-1)
-        logprob_b = jnp.take_along_axis(jax.nn.log_softmax(scaled_bv, axis=-1), token_b[:, None], axis=-1)[:, 0]
-        return token_b, logprob_b
+        return token_b, _logprob_of(scaled_bv, token_b)
 
-    greedy_token_b = jnp.argmax(logits_bv, axis=-1)
-    greedy_logprob_b = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1), greedy_token_b[:, None], axis=-1)[:, 0]
+    greedy_token_b, greedy_logprob_b = _greedy(logits_bv)
 
     def all_greedy(_):  # no random bits at all: threefry over [b, v] costs more than a small model's forward
         return greedy_token_b, greedy_logprob_b
@@ -140,7 +162,7 @@ def _prefill(cfg: ModelConfig, params, prompt_bp, prompt_mask_bp, row_is_real_r,
              eos_ids, pad_id, *, num_samples: int, max_new_tokens: int) -> SamplingState:
     TRACE_COUNTS["prefill"] += 1
     b, p = prompt_bp.shape
-    cache = transformer.KVCache.init(cfg, b, p + max_new_tokens)
+    cache = transformer.KVCache.init(cfg, b, p)  # the prompt's block; decoding appends its own blocks
     positions_bp = jnp.maximum(jnp.cumsum(prompt_mask_bp, axis=1) - 1, 0).astype(jnp.int32)
     hidden_bpd, cache = transformer.forward(cfg, params, prompt_bp, positions_bt=positions_bp,
                                             input_mask_bt=prompt_mask_bp, cache=cache, fresh_cache=True)
@@ -169,11 +191,13 @@ def _prefill(cfg: ModelConfig, params, prompt_bp, prompt_mask_bp, row_is_real_r,
     return _record(state, token_r, logprob_r)
 
 
-def _decode(cfg: ModelConfig, params, state: SamplingState) -> SamplingState:
+def _decode(cfg: ModelConfig, params, state: SamplingState, *, block_slots: int, stop_step: int) -> SamplingState:
+    """One decode segment: appends a cache block of `block_slots` slots, then decodes until `stop_step` tokens per row
+    are recorded (the block is full or the budget spent) or every row is done."""
     TRACE_COUNTS["decode"] += 1
-    max_new_tokens = state.tokens.shape[1]
     if not cfg.scan_layers:
         params = transformer.unstack_layers(params)  # once, outside the loop (see unstack_layers)
+    state = state.replace(cache=state.cache.extend(cfg, block_slots))
 
     def step(state: SamplingState) -> SamplingState:
         hidden_r1d, cache = transformer.forward(cfg, params, state.last_token[:, None],
@@ -185,48 +209,68 @@ def _decode(cfg: ModelConfig, params, state: SamplingState) -> SamplingState:
         return _record(state, token_r, logprob_r)
 
     def keep_going(state: SamplingState):
-        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+        return (state.step < stop_step) & ~jnp.all(state.done)
 
     return jax.lax.while_loop(keep_going, step, state)
 
 
+def decode_blocks_for(max_new_tokens: int, num_blocks: int) -> tuple[int, ...]:
+    """The cache blocks the decode phase appends: `num_blocks` (or fewer, after rounding) equal blocks, a multiple of
+    16 slots each (128 from 1,024 up), covering the max_new_tokens - 1 tokens that are fed back."""
+    fed_back = max_new_tokens - 1
+    if fed_back <= 0:
+        return ()
+    size = -(-fed_back // max(1, num_blocks))
+    size = -(-size // (128 if size >= 1024 else 16)) * (128 if size >= 1024 else 16)
+    return (size,) * -(-fed_back // size)
+
+
 # -------------------------------------------------------------------------------------------- compiled programs
 
-def _state_shardings(mesh: Mesh, cfg: ModelConfig, rows: int, cache_shape: tuple[int, ...]) -> SamplingState:
+def _state_shardings(mesh: Mesh, cfg: ModelConfig, rows: int, block_sizes: tuple[int, ...]) -> SamplingState:
     row = lambda rank: sharding_lib.batch_sharding(mesh, rank, rows)
     replicated = NamedSharding(mesh, P())
-    cache_kv = NamedSharding(mesh, sharding_lib.kv_cache_spec(cache_shape, mesh))
+
+    def block(slots):  # one layer's keys [r, k, h, s] or values [r, k, s, h]: the same spec
+        return NamedSharding(mesh, sharding_lib.kv_cache_spec((rows, cfg.num_kv_heads, slots, cfg.head_dim), mesh))
+
+    blocks = tuple((block(slots),) * cfg.num_layers for slots in block_sizes)
     return SamplingState(
         tokens=row(2), logprobs=row(2), last_token=row(1), next_position=row(1), done=row(1), hit_eos=row(1),
         lengths=row(1), step=replicated, rng=replicated, temperature=row(1), top_p=row(1), top_k=row(1),
         eos_ids=replicated, pad_id=replicated,
-        cache=transformer.KVCache(k=(cache_kv,) * cfg.num_layers, v=(cache_kv,) * cfg.num_layers, valid=row(2),
-                                  index=replicated),
+        cache=transformer.KVCache(k=blocks, v=blocks, valid=(row(2),) * len(block_sizes), index=replicated),
     )
 
 
 @functools.lru_cache(maxsize=64)
-def _programs(cfg: ModelConfig, num_samples: int, max_new_tokens: int, mesh: Mesh | None = None,
-              param_shardings_key=None, batch: int = 0, prompt_len: int = 0):
-    """The jitted prefill and decode. Without a mesh, one pair serves every bucket (jax.jit caches by shape); with
-    one, a pair per bucket carries the explicit in/out shardings."""
+def _prefill_program(cfg: ModelConfig, num_samples: int, max_new_tokens: int, mesh: Mesh | None = None,
+                     param_shardings_key=None, batch: int = 0, prompt_len: int = 0):
+    """The jitted prefill. Without a mesh, one program serves every bucket (jax.jit caches by shape); with one, a
+    program per bucket carries the explicit in/out shardings."""
     prefill = functools.partial(_prefill, cfg, num_samples=num_samples, max_new_tokens=max_new_tokens)
-    decode = functools.partial(_decode, cfg)
     if mesh is None:
-        return jax.jit(prefill), jax.jit(decode, donate_argnums=(1,))
+        return jax.jit(prefill)
     rows = batch * num_samples
-    param_shardings = param_shardings_key.tree
-    state_shardings = _state_shardings(
-        mesh, cfg, rows, (rows, cfg.num_kv_heads, prompt_len + max_new_tokens, cfg.head_dim))
     prompt = sharding_lib.batch_sharding(mesh, 2, batch)
     row = sharding_lib.batch_sharding(mesh, 1, rows)
     replicated = NamedSharding(mesh, P())
-    prefill_jit = jax.jit(prefill, in_shardings=(param_shardings, prompt, prompt, row, replicated, row, row, row,
-                                                 replicated, replicated),
-                          out_shardings=state_shardings)
-    decode_jit = jax.jit(decode, in_shardings=(param_shardings, state_shardings), out_shardings=state_shardings,
-                         donate_argnums=(1,))
-    return prefill_jit, decode_jit
+    return jax.jit(prefill, in_shardings=(param_shardings_key.tree, prompt, prompt, row, replicated, row, row, row,
+                                          replicated, replicated),
+                   out_shardings=_state_shardings(mesh, cfg, rows, (prompt_len,)))
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_program(cfg: ModelConfig, block_slots: int, stop_step: int, mesh: Mesh | None = None,
+                    param_shardings_key=None, rows: int = 0, block_sizes: tuple[int, ...] = ()):
+    """The jitted decode segment that appends a `block_slots` block to a cache of `block_sizes` blocks (its state is
+    donated: the loop updates the cache in place)."""
+    decode = functools.partial(_decode, cfg, block_slots=block_slots, stop_step=stop_step)
+    if mesh is None:
+        return jax.jit(decode, donate_argnums=(1,))
+    return jax.jit(decode, in_shardings=(param_shardings_key.tree, _state_shardings(mesh, cfg, rows, block_sizes)),
+                   out_shardings=_state_shardings(mesh, cfg, rows, block_sizes + (block_slots,)),
+                   donate_argnums=(1,))
 
 
 class _HashableTree:
@@ -260,19 +304,24 @@ def _per_row(value, count: int, name: str, dtype) -> np.ndarray:
 
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature=0.0, top_p=1.0, top_k=0, eos_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
-             num_samples: int = 1, mesh: Mesh | None = None, min_prompt_bucket: int = 16) -> SampleOutput:
+             num_samples: int = 1, mesh: Mesh | None = None, min_prompt_bucket: int = 16,
+             decode_blocks: int = 4) -> SampleOutput:
     """Samples `num_samples` continuations of each prompt (a list of token-id lists of any lengths).
 
     temperature / top_p / top_k: a scalar or one value per prompt (traced; never recompiles). eos_ids: every id that
     ends a row. With a `mesh`, rows are split over its ("data", "fsdp") axes and `params` should already carry the
-    partition-rule shardings (e.g. from `models.load_hf(..., mesh=mesh)`).
+    partition-rule shardings (e.g. from `models.load_hf(..., mesh=mesh)`). decode_blocks: the KV cache grows in this
+    many blocks as decoding proceeds, so attention reads only the slots filled so far, not the whole budget
+    (`decode_blocks_for`); each block is its own compiled segment of the decode loop, and blocks after the step at
+    which every row ended are never run. 1 = one block of the whole budget (fewest compilations).
     """
     if not prompts:
         raise ValueError("prompts: need at least one prompt")
     if any(len(p) == 0 for p in prompts):
         raise ValueError(f"prompts: prompt {[len(p) for p in prompts].index(0)} is empty")
-    if max_new_tokens < 1 or num_samples < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} and num_samples={num_samples} must be >= 1")
+    if max_new_tokens < 1 or num_samples < 1 or decode_blocks < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}, num_samples={num_samples} and decode_blocks={decode_blocks} "
+                         "must be >= 1")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds "
@@ -306,14 +355,19 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     eos_array = np.full((MAX_EOS_IDS,), -1, np.int32)
     eos_array[:len(eos_ids)] = list(eos_ids)
 
-    if mesh is None:
-        prefill, decode = _programs(cfg, num_samples, max_new_tokens)
-    else:
-        shardings_key = _HashableTree(jax.tree.map(lambda x: x.sharding, params))
-        prefill, decode = _programs(cfg, num_samples, max_new_tokens, mesh, shardings_key, batch, prompt_len)
+    shardings_key = None if mesh is None else _HashableTree(jax.tree.map(lambda x: x.sharding, params))
+    rows = batch * num_samples
+    prefill = _prefill_program(cfg, num_samples, max_new_tokens, mesh, shardings_key, batch, prompt_len)
     state = prefill(params, prompt_bp, mask_bp, row_is_real_r, jax.random.key(seed), temperature_r, top_p_r, top_k_r,
                     eos_array, np.int32(pad_id))
-    state = decode(params, state)
+    block_sizes = (prompt_len,)
+    for block_slots in decode_blocks_for(max_new_tokens, decode_blocks):
+        if bool(jax.device_get(jnp.all(state.done))):  # every row ended: skip the remaining blocks
+            break
+        stop_step = min(max_new_tokens, sum(block_sizes[1:]) + block_slots + 1)
+        decode = _decode_program(cfg, block_slots, stop_step, mesh, shardings_key, rows, block_sizes)
+        state = decode(params, state)
+        block_sizes += (block_slots,)
 
     real_rows = num_prompts * num_samples
     tokens, logprobs, lengths, hit_eos = jax.device_get((state.tokens, state.logprobs, state.lengths, state.hit_eos))

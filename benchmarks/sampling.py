@@ -103,6 +103,8 @@ CASES = (
     Case("bench-qwen3 B=32", "bench-qwen3", batch=32, prompt_len=32, new_tokens=128),
     Case("bench-qwen3 B=8", "bench-qwen3", batch=8, prompt_len=32, new_tokens=128),
     Case("SmolLM2-135M B=8", "smollm2", batch=8, prompt_len=32, new_tokens=128),
+    # A longer budget: attention over the cache, not the matmuls, starts to dominate (see generate's decode_blocks).
+    Case("bench-qwen3 B=32 N=512", "bench-qwen3", batch=32, prompt_len=32, new_tokens=512),
 )
 QUICK_CASES = (CASES[1],)
 
@@ -455,11 +457,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--passes", type=int, default=3, help="interleaved timing passes (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 pass of the batch-8 bench-qwen3 case")
+    parser.add_argument("--cases", default="", help="comma-separated substrings: run only the cases whose label "
+                        f"contains one (labels: {'; '.join(c.label for c in CASES)})")
     args = parser.parse_args(argv)
     if args.passes < 1:
         parser.error("--passes must be >= 1")
     passes = 1 if args.quick else args.passes
     cases = QUICK_CASES if args.quick else CASES
+    if args.cases:
+        wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
+        cases = tuple(c for c in cases if any(w in c.label for w in wanted))
+        if not cases:
+            parser.error(f"--cases {args.cases!r} matches none of: {'; '.join(c.label for c in CASES)}")
 
     torch.set_num_threads(CORES)
     warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")

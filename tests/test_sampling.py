@@ -48,9 +48,11 @@ def test_greedy_equals_transformers_generate(tiny):
     np.testing.assert_allclose(out.logprobs[0], expected, atol=1e-4)
 
 
-def test_cached_decode_equals_teacher_forcing(tiny):
+@pytest.mark.parametrize("decode_block_sizes", [None, (2, 1, 3)], ids=["one-block", "grown-blocks"])
+def test_cached_decode_equals_teacher_forcing(tiny, decode_block_sizes):
     """Prefill a left-padded ragged batch, then feed known tokens one at a time through the cache: every step's
-    logits must equal the full teacher-forced forward pass over the unpadded sequence."""
+    logits must equal the full teacher-forced forward pass over the unpadded sequence — with one cache block of the
+    whole length, and with a prompt-sized cache grown by `extend` a block at a time as the tokens arrive."""
     _, _, _, cfg, params = tiny
     rs = np.random.RandomState(3)
     prompt_lengths, continuation, width = [4, 9], 7, 16
@@ -64,11 +66,17 @@ def test_cached_decode_equals_teacher_forcing(tiny):
         hidden, cache = transformer.forward(cfg, params, tokens, positions_bt=positions, input_mask_bt=mask, cache=cache)
         return transformer.logits_from_hidden(cfg, params, hidden[:, -1:])[:, 0], cache
 
-    cache = transformer.KVCache.init(cfg, 2, width + continuation)
+    cache = transformer.KVCache.init(cfg, 2, width + (continuation if decode_block_sizes is None else 0))
     positions = np.maximum(np.cumsum(mask_bp, 1) - 1, 0)
     logits, cache = step(params, prompt_bp, positions, mask_bp, cache)
     step_logits = [logits]
+    pending_blocks = list(decode_block_sizes or ())
+    free_slots = continuation if decode_block_sizes is None else 0  # decode slots left in the last block
     for i in range(continuation - 1):
+        if free_slots == 0:
+            cache = cache.extend(cfg, pending_blocks[0])
+            free_slots = pending_blocks.pop(0)
+        free_slots -= 1
         tokens = np.array([[seq[n + i]] for seq, n in zip(sequences, prompt_lengths)], np.int32)
         pos = np.array([[n + i] for n in prompt_lengths], np.int32)
         logits, cache = step(params, tokens, pos, np.ones((2, 1), bool), cache)
@@ -77,6 +85,10 @@ def test_cached_decode_equals_teacher_forcing(tiny):
     for i, (seq, n) in enumerate(zip(sequences, prompt_lengths)):
         forced = np.asarray(models.forward_logits(cfg, params, jnp.asarray(seq[None])))[0]
         np.testing.assert_allclose(cached[i], forced[n - 1:n - 1 + continuation], atol=1e-4)
+    if decode_block_sizes is not None:
+        assert cache.block_sizes == (width, *decode_block_sizes) and not pending_blocks
+        with pytest.raises(ValueError, match="last block"):  # 4 new tokens cannot fit a 3-slot last block
+            transformer.forward(cfg, params, np.zeros((2, 4), np.int32), cache=cache)
 
 
 # ------------------------------------------------------------------------------------------- distributions
@@ -206,3 +218,42 @@ def test_compilations_stay_bounded_and_knobs_never_recompile():
                           top_p=float(rs.uniform(0.1, 1)), top_k=int(rs.randint(0, 5)), seed=call)
     traced = {k: sampling.TRACE_COUNTS[k] - before[k] for k in ("prefill", "decode")}
     assert traced["prefill"] == traced["decode"] == len(buckets) <= 6, (traced, buckets)
+
+
+def test_decode_blocks_for_splits_the_fed_back_tokens():
+    # max_new_tokens - 1 tokens are fed back through the cache; blocks are equal, a multiple of 16 (128 from 1,024)
+    assert sampling.decode_blocks_for(128, 4) == (32, 32, 32, 32)
+    assert sampling.decode_blocks_for(4, 4) == (16,)
+    assert sampling.decode_blocks_for(1, 4) == ()
+    assert sampling.decode_blocks_for(3000, 4) == (752,) * 4  # ceil(2999 / 4) = 750 -> 752
+    assert sampling.decode_blocks_for(5120, 4) == (1280,) * 4
+    assert sampling.decode_blocks_for(5000, 4) == (1280,) * 4  # ceil(4999 / 4) = 1250 -> 1280
+    assert sampling.decode_blocks_for(100, 1) == (112,)
+
+
+def test_decode_blocks_change_nothing_but_cost(tiny):
+    """Growing the cache in blocks is exact: the same tokens and log-probs as one full-budget cache, greedy and
+    sampled (the random stream runs on across segment boundaries)."""
+    family, _, _, cfg, params = tiny
+    prompts = _ragged_prompts(cfg.vocab_size, [3, 12, 7], seed=5)
+    for knobs in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, seed=11)):
+        reference = sampling.generate(cfg, params, prompts, max_new_tokens=37, decode_blocks=1, **knobs)
+        for blocks in (2, 5):
+            out = sampling.generate(cfg, params, prompts, max_new_tokens=37, decode_blocks=blocks, **knobs)
+            np.testing.assert_array_equal(out.token_array, reference.token_array, err_msg=f"{family} {knobs}")
+            np.testing.assert_allclose(out.logprob_array, reference.logprob_array, atol=1e-5)
+
+
+def test_blocks_after_every_row_ended_are_never_run():
+    cfg = models.get_preset("tiny-qwen2")
+    params = models.init_params(cfg, jax.random.key(2), std=0.5)
+    prompts = _ragged_prompts(cfg.vocab_size, [6, 9], seed=1)
+    free_run = sampling.generate(cfg, params, prompts, max_new_tokens=5, temperature=0.0)
+    stop_ids = sorted({row[2] for row in free_run.tokens})  # every row ends at its 3rd token at the latest
+    before = sampling.TRACE_COUNTS.copy()
+    out = sampling.generate(cfg, params, prompts, max_new_tokens=61, temperature=0.0, eos_ids=stop_ids,
+                            decode_blocks=4)  # blocks of 16: the first holds every step that runs
+    assert sampling.TRACE_COUNTS["decode"] - before["decode"] == 1
+    assert (out.lengths <= 3).all() and not out.truncated.any()
+    for row, free in zip(out.tokens, free_run.tokens):
+        assert row == free[:len(row)] and row[-1] in stop_ids

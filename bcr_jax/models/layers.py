@@ -91,21 +91,31 @@ def apply_rope(x_btnh, cos_bth, sin_bth):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
 
 
-def attend(q_btnh, k_bkhs, v_bksh, mask_bts):
-    """Grouped-query softmax attention; `mask_bts` is True where query t may read key s. Returns [b, t, n, h].
+def attend(q_btnh, key_blocks, value_blocks, mask_bts):
+    """Grouped-query softmax attention over keys/values held in one or more blocks of slots; `mask_bts` is True where
+    query t may read key s (s runs over the blocks in order). Returns [b, t, n, h].
 
-    Keys come as [b, k, h, s] and values as [b, k, s, h] (the KV-cache layouts): both contractions are then
+    Keys come as [b, k, h, s_i] and values as [b, k, s_i, h] (the KV-cache layouts): both contractions are then
     plain batched matmuls over (b, k) whose right operand is already in row-major [contracted, free] order. With
-    keys as [b, k, s, h], XLA:CPU re-packed the whole key cache on every decode step (4x slower scores).
+    keys as [b, k, s, h], XLA:CPU re-packed the whole key cache on every decode step (4x slower scores). Blocks are
+    read in place, never concatenated: one softmax runs over the concatenated scores (a few floats per slot), so the
+    result is exactly that of one block holding every slot.
     """
     b, t, n, h = q_btnh.shape
-    kv_heads = k_bkhs.shape[1]
+    kv_heads = key_blocks[0].shape[1]
     q_bkgth = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgth,bkhs->bkgts", q_bkgth, k_bkhs, preferred_element_type=jnp.float32)
+    scores = jnp.concatenate([jnp.einsum("bkgth,bkhs->bkgts", q_bkgth, k_bkhs, preferred_element_type=jnp.float32)
+                              for k_bkhs in key_blocks], axis=-1)
     scores = scores * (1.0 / math.sqrt(h))
     scores = jnp.where(mask_bts[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
-    out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value_blocks[0].dtype)
+    out_bkgth, start = None, 0
+    for v_bksh in value_blocks:
+        size = v_bksh.shape[2]
+        part = jnp.einsum("bkgts,bksh->bkgth", probs[..., start:start + size], v_bksh,
+                          preferred_element_type=jnp.float32)
+        out_bkgth, start = part if out_bkgth is None else out_bkgth + part, start + size
+    out_bkgth = out_bkgth.astype(value_blocks[0].dtype)
     return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)  # a free bitcast when t = 1 (decode)
 
 

@@ -32,34 +32,50 @@ Params = dict[str, Any]
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys/values of every layer for a fixed number of slots, filled left to right.
+    """Keys/values of every layer for a fixed number of slots, filled left to right, held in one or more blocks.
 
-    One buffer per layer (a tuple), not one stacked array: inside the decode `while_loop`, XLA updates a per-layer
+    One buffer per layer and block, not one stacked array: inside the decode `while_loop`, XLA updates a per-layer
     buffer in place, whereas writing into and reading from one stacked buffer in the same step makes it copy the
-    whole cache every layer (measured 25x slower on XLA:CPU). `valid[b, s]` marks slots that hold a real token
-    (False for left padding), so ragged prompts share one write index: slot `index` is written next for every row.
+    whole cache every layer (measured 25x slower on XLA:CPU). `valid` marks slots that hold a real token (False for
+    left padding), so ragged prompts share one write index: slot `index` (counted over all blocks) is written next
+    for every row.
+
+    Blocks. `extend` appends an empty block; new tokens are always written into the last block, and attention reads
+    every block. A sampler that grows the cache a block at a time as decoding proceeds therefore reads only the slots
+    that exist so far (attention cost follows the filled length, not the whole budget), and never copies or
+    reallocates the blocks it already has, so peak memory is that of the final cache.
     """
 
-    k: tuple[jax.Array, ...]  # l x [b, k, h, s]  (layouts chosen for XLA's batched matmuls: see layers.attend)
-    v: tuple[jax.Array, ...]  # l x [b, k, s, h]
-    valid: jax.Array  # [b, s] bool
+    k: tuple[tuple[jax.Array, ...], ...]  # blocks x layers x [b, k, h, s_block]  (layouts: see layers.attend)
+    v: tuple[tuple[jax.Array, ...], ...]  # blocks x layers x [b, k, s_block, h]
+    valid: tuple[jax.Array, ...]  # blocks x [b, s_block] bool
     index: jax.Array  # [] int32
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch_size: int, num_slots: int, dtype=None) -> "KVCache":
+        """A cache of one block of `num_slots` empty slots."""
+        empty = cls(k=(), v=(), valid=(), index=jnp.zeros((), jnp.int32))
+        return empty.extend(cfg, num_slots, dtype, batch_size=batch_size)
+
+    def extend(self, cfg: ModelConfig, num_slots: int, dtype=None, batch_size: int | None = None) -> "KVCache":
+        """This cache with a new empty block of `num_slots` slots after the existing ones (which are kept as they are)."""
+        batch_size = self.valid[0].shape[0] if self.valid else batch_size
+        dtype = dtype or (self.k[0][0].dtype if self.k else cfg.jnp_dtype)
         k_shape = (batch_size, cfg.num_kv_heads, cfg.head_dim, num_slots)
         v_shape = (batch_size, cfg.num_kv_heads, num_slots, cfg.head_dim)
-        dtype = dtype or cfg.jnp_dtype
-        return cls(
-            k=tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
-            v=tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),
-            valid=jnp.zeros((batch_size, num_slots), bool),
-            index=jnp.zeros((), jnp.int32),
+        return self.replace(
+            k=self.k + (tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),),
+            v=self.v + (tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),),
+            valid=self.valid + (jnp.zeros((batch_size, num_slots), bool),),
         )
 
     @property
     def num_slots(self) -> int:
-        return self.valid.shape[1]
+        return sum(self.block_sizes)
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return tuple(block.shape[1] for block in self.valid)
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -110,11 +126,11 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
     return jax.tree_util.tree_unflatten(treedef, [init_leaf(p, s, k) for (p, s), k in zip(leaves, keys)])
 
 
-def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index,
+def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_offset,
                      fresh_cache: bool):
-    """Self-attention for one layer. With a cache, `kv` is this layer's (k [b,k,h,s], v [b,k,s,h]) buffers: this step's
-    keys/values are written at slot `write_index` (in place), then attention reads all slots — or, for a prefill
-    into an empty cache (`fresh_cache`), only the new tokens, skipping the empty slots."""
+    """Self-attention for one layer. With a cache, `kv` is this layer's (key blocks, value blocks): this step's
+    keys/values are written into the last block at `write_offset` (in place), then attention reads every block — or,
+    for a prefill into an empty cache (`fresh_cache`), only the new tokens, skipping the empty slots."""
     q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, p["q_proj"]["kernel"])
     k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, p["k_proj"]["kernel"])
     v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, p["v_proj"]["kernel"])
@@ -126,14 +142,16 @@ def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_
     q_btnh = layers.apply_rope(q_btnh, cos_bth, sin_bth)
     k_bkht = layers.apply_rope(k_btkh, cos_bth, sin_bth).transpose(0, 2, 3, 1)
     v_bkth = v_btkh.transpose(0, 2, 1, 3)
+    key_blocks, value_blocks = (k_bkht,), (v_bkth,)
     if kv is not None:
-        k_bkhs, v_bksh = kv
-        k_bkhs = jax.lax.dynamic_update_slice(k_bkhs, k_bkht.astype(k_bkhs.dtype), (0, 0, 0, write_index))
-        v_bksh = jax.lax.dynamic_update_slice(v_bksh, v_bkth.astype(v_bksh.dtype), (0, 0, write_index, 0))
-        kv = (k_bkhs, v_bksh)
+        *k_before, k_last = kv[0]
+        *v_before, v_last = kv[1]
+        k_last = jax.lax.dynamic_update_slice(k_last, k_bkht.astype(k_last.dtype), (0, 0, 0, write_offset))
+        v_last = jax.lax.dynamic_update_slice(v_last, v_bkth.astype(v_last.dtype), (0, 0, write_offset, 0))
+        kv = ((*k_before, k_last), (*v_before, v_last))
         if not fresh_cache:
-            k_bkht, v_bkth = k_bkhs, v_bksh
-    out_btnh = layers.attend(q_btnh, k_bkht, v_bkth, mask_bts)
+            key_blocks, value_blocks = kv
+    out_btnh = layers.attend(q_btnh, key_blocks, value_blocks, mask_bts)
     # One merged contraction axis (n*h): einsum orders several contracted labels alphabetically ("hn"), which made
     # XLA transpose the o_proj weights on every decode step.
     b, t = out_btnh.shape[:2]
@@ -142,10 +160,10 @@ def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_
     return jnp.einsum("btx,xd->btd", out_btx, o_xd), kv
 
 
-def _decoder_layer(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index, fresh_cache):
+def _decoder_layer(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_offset, fresh_cache):
     attn_out, kv = _attention_block(
         cfg, p["attn"], layers.rms_norm(x_btd, p["input_norm"]["scale"], cfg.rms_norm_eps),
-        cos_bth, sin_bth, mask_bts, kv, write_index, fresh_cache)
+        cos_bth, sin_bth, mask_bts, kv, write_offset, fresh_cache)
     x_btd = x_btd + attn_out
     x_btd = x_btd + layers.swiglu_mlp(p["mlp"], layers.rms_norm(x_btd, p["post_attn_norm"]["scale"], cfg.rms_norm_eps))
     return x_btd, kv
@@ -157,8 +175,9 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, i
 
     tokens_bt: int32 token ids. positions_bt: RoPE positions (default 0..t-1). input_mask_bt: True for real tokens,
     False for padding (default all True); padding keys are never attended to. With a `cache`, the t new tokens are
-    written into slots [cache.index, cache.index + t) and attend to every valid earlier slot. `fresh_cache=True`
-    promises the cache is empty (index 0, a prefill): attention then skips the cache's unwritten slots.
+    written into slots [cache.index, cache.index + t), which must lie in the cache's last block, and attend to every
+    valid earlier slot. `fresh_cache=True` promises the cache is empty (index 0, a prefill): attention then skips the
+    cache's unwritten slots.
     """
     b, t = tokens_bt.shape
     if input_mask_bt is None:
@@ -167,39 +186,48 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, i
         positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos_bth, sin_bth = layers.rope_cos_sin(cfg, positions_bt)
 
-    write_index = None if cache is None else cache.index
     if cache is not None:
-        key_valid_bs = jax.lax.dynamic_update_slice(cache.valid, input_mask_bt, (0, write_index))
+        if t > cache.block_sizes[-1]:
+            raise ValueError(f"forward: {t} new tokens do not fit the cache's last block ({cache.block_sizes[-1]} slots)")
+        write_offset = cache.index - (cache.num_slots - cache.block_sizes[-1])  # within the last block
+        *valid_before, valid_last = cache.valid
+        valid_blocks = (*valid_before, jax.lax.dynamic_update_slice(valid_last, input_mask_bt, (0, write_offset)))
+        key_valid_bs = jnp.concatenate(valid_blocks, axis=1) if len(valid_blocks) > 1 else valid_blocks[0]
+    else:
+        write_offset = None
     if cache is None or fresh_cache:
         mask_bts = input_mask_bt[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]
     else:
-        query_slot_t, key_slot_s = write_index + jnp.arange(t), jnp.arange(cache.num_slots)
+        query_slot_t, key_slot_s = cache.index + jnp.arange(t), jnp.arange(cache.num_slots)
         mask_bts = key_valid_bs[:, None, :] & (key_slot_s[None, None, :] <= query_slot_t[None, :, None])
 
     x_btd = params["embed"]["embedding"][tokens_bt].astype(cfg.jnp_dtype)
-    new_k, new_v = [], []
+    new_k, new_v = [], []  # per layer: its tuple of blocks
     if cfg.scan_layers:
         # One traced layer body (fast compiles). With a cache the per-layer buffers are stacked for the scan, which
         # costs a cache copy per call: decode loops should use scan_layers=False.
         def body(x, per_layer):
             p, kv = per_layer
-            return _decoder_layer(cfg, p, x, cos_bth, sin_bth, mask_bts, kv, write_index, fresh_cache)
+            return _decoder_layer(cfg, p, x, cos_bth, sin_bth, mask_bts, kv, write_offset, fresh_cache)
 
-        kv_in = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
+        kv_in = None if cache is None else (tuple(map(jnp.stack, cache.k)), tuple(map(jnp.stack, cache.v)))
         x_btd, kv_out = jax.lax.scan(body, x_btd, (params["layers"], kv_in))
-        if cache is not None:
-            new_k, new_v = list(kv_out[0]), list(kv_out[1])
+        if cache is not None:  # kv_out: (key blocks, value blocks), each [l, ...]
+            new_k = [tuple(block[layer] for block in kv_out[0]) for layer in range(cfg.num_layers)]
+            new_v = [tuple(block[layer] for block in kv_out[1]) for layer in range(cfg.num_layers)]
     else:
         for layer, p in enumerate(unstack_layers(params)["layers"]):
-            kv = None if cache is None else (cache.k[layer], cache.v[layer])
-            x_btd, kv = _decoder_layer(cfg, p, x_btd, cos_bth, sin_bth, mask_bts, kv, write_index, fresh_cache)
+            kv = None
+            if cache is not None:
+                kv = (tuple(block[layer] for block in cache.k), tuple(block[layer] for block in cache.v))
+            x_btd, kv = _decoder_layer(cfg, p, x_btd, cos_bth, sin_bth, mask_bts, kv, write_offset, fresh_cache)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
 
     hidden_btd = layers.rms_norm(x_btd, params["final_norm"]["scale"], cfg.rms_norm_eps)
-    if cache is not None:
-        cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid_bs, index=write_index + t)
+    if cache is not None:  # back to blocks x layers
+        cache = KVCache(k=tuple(zip(*new_k)), v=tuple(zip(*new_v)), valid=valid_blocks, index=cache.index + t)
     return hidden_btd, cache
 
 
