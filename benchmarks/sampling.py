@@ -159,13 +159,16 @@ class EngineUnavailable(Exception):
     """The engine cannot run this workload here (missing package, unsupported architecture); the message says why."""
 
 
+DECODE_BLOCKS = 4  # generate's decode_blocks for our engines (--decode-blocks)
+
+
 def ours(w: Workload, mesh=None) -> Runner:
     _, params = load_hf(w.hf_dir, dtype="float32", mesh=mesh)
     prompts = w.prompts.tolist()
 
     def run() -> np.ndarray:
         out = generate(w.cfg, params, prompts, max_new_tokens=w.case.new_tokens, temperature=0.0, eos_ids=(),
-                       pad_id=0, mesh=mesh)
+                       pad_id=0, mesh=mesh, decode_blocks=DECODE_BLOCKS)
         if not np.all(out.lengths == w.case.new_tokens):
             raise AssertionError(f"ours: row lengths {sorted(set(out.lengths.tolist()))}, expected all "
                                  f"{w.case.new_tokens}")
@@ -425,7 +428,8 @@ def report(workloads: Sequence[Workload], results: dict[tuple[str, str], Measure
         (f"fp32 matmul peak (2048x2048, best of 10 timings before the run and after each pass): "
          f"JAX {peak['jax']:.1f} GFLOP/s, torch.mm {peak['torch']:.1f} GFLOP/s; % peak is against "
          f"{machine_peak:.1f} GFLOP/s."),
-        (f"Greedy, EOS disabled, float32, exactly N new tokens per row; {passes} interleaved pass(es); tok/s = new "
+        (f"Greedy, EOS disabled, float32, exactly N new tokens per row; ours with decode_blocks={DECODE_BLOCKS}; "
+         f"{passes} interleaved pass(es); tok/s = new "
          f"tokens / wall time of the whole call (prefill included), median over passes; "
          f"x {REFERENCE} = median of the per-pass ratios; GFLOP/s counts prefill + decode analytically; "
          f"rows = {REFERENCE}: fraction of rows with identical greedy tokens (mean leading tokens identical)."),
@@ -454,14 +458,19 @@ def report(workloads: Sequence[Workload], results: dict[tuple[str, str], Measure
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    global DECODE_BLOCKS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--passes", type=int, default=3, help="interleaved timing passes (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 pass of the batch-8 bench-qwen3 case")
     parser.add_argument("--cases", default="", help="comma-separated substrings: run only the cases whose label "
                         f"contains one (labels: {'; '.join(c.label for c in CASES)})")
+    parser.add_argument("--decode-blocks", type=int, default=DECODE_BLOCKS,
+                        help=f"generate's decode_blocks for our engines (default {DECODE_BLOCKS}; 1 = one cache block "
+                        "of the whole budget)")
     args = parser.parse_args(argv)
-    if args.passes < 1:
-        parser.error("--passes must be >= 1")
+    if args.passes < 1 or args.decode_blocks < 1:
+        parser.error("--passes and --decode-blocks must be >= 1")
+    DECODE_BLOCKS = args.decode_blocks
     passes = 1 if args.quick else args.passes
     cases = QUICK_CASES if args.quick else CASES
     if args.cases:
