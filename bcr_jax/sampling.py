@@ -221,7 +221,8 @@ def decode_blocks_for(max_new_tokens: int, num_blocks: int) -> tuple[int, ...]:
     if fed_back <= 0:
         return ()
     size = -(-fed_back // max(1, num_blocks))
-    size = -(-size // (128 if size >= 1024 else 16)) * (128 if size >= 1024 else 16)
+    multiple = 128 if size >= 1024 else 16
+    size = -(-size // multiple) * multiple
     return (size,) * -(-fed_back // size)
 
 
@@ -356,8 +357,11 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     eos_array[:len(eos_ids)] = list(eos_ids)
 
     shardings_key = None if mesh is None else _HashableTree(jax.tree.map(lambda x: x.sharding, params))
-    rows = batch * num_samples
-    prefill = _prefill_program(cfg, num_samples, max_new_tokens, mesh, shardings_key, batch, prompt_len)
+
+    def placement(*bucket):  # without a mesh, one jitted program serves every bucket (jax.jit caches by shape)
+        return () if mesh is None else (mesh, shardings_key, *bucket)
+
+    prefill = _prefill_program(cfg, num_samples, max_new_tokens, *placement(batch, prompt_len))
     state = prefill(params, prompt_bp, mask_bp, row_is_real_r, jax.random.key(seed), temperature_r, top_p_r, top_k_r,
                     eos_array, np.int32(pad_id))
     block_sizes = (prompt_len,)
@@ -365,7 +369,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
         if bool(jax.device_get(jnp.all(state.done))):  # every row ended: skip the remaining blocks
             break
         stop_step = min(max_new_tokens, sum(block_sizes[1:]) + block_slots + 1)
-        decode = _decode_program(cfg, block_slots, stop_step, mesh, shardings_key, rows, block_sizes)
+        decode = _decode_program(cfg, block_slots, stop_step, *placement(batch * num_samples, block_sizes))
         state = decode(params, state)
         block_sizes += (block_slots,)
 

@@ -109,13 +109,10 @@ def attend(q_btnh, key_blocks, value_blocks, mask_bts):
     scores = scores * (1.0 / math.sqrt(h))
     scores = jnp.where(mask_bts[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(value_blocks[0].dtype)
-    out_bkgth, start = None, 0
-    for v_bksh in value_blocks:
-        size = v_bksh.shape[2]
-        part = jnp.einsum("bkgts,bksh->bkgth", probs[..., start:start + size], v_bksh,
-                          preferred_element_type=jnp.float32)
-        out_bkgth, start = part if out_bkgth is None else out_bkgth + part, start + size
-    out_bkgth = out_bkgth.astype(value_blocks[0].dtype)
+    starts = np.cumsum([0] + [v_bksh.shape[2] for v_bksh in value_blocks])
+    parts = [jnp.einsum("bkgts,bksh->bkgth", probs[..., start:end], v_bksh, preferred_element_type=jnp.float32)
+             for start, end, v_bksh in zip(starts[:-1], starts[1:], value_blocks)]
+    out_bkgth = sum(parts[1:], parts[0]).astype(value_blocks[0].dtype)
     return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)  # a free bitcast when t = 1 (decode)
 
 

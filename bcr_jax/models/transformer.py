@@ -192,7 +192,7 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, i
         write_offset = cache.index - (cache.num_slots - cache.block_sizes[-1])  # within the last block
         *valid_before, valid_last = cache.valid
         valid_blocks = (*valid_before, jax.lax.dynamic_update_slice(valid_last, input_mask_bt, (0, write_offset)))
-        key_valid_bs = jnp.concatenate(valid_blocks, axis=1) if len(valid_blocks) > 1 else valid_blocks[0]
+        key_valid_bs = jnp.concatenate(valid_blocks, axis=1)
     else:
         write_offset = None
     if cache is None or fresh_cache:
