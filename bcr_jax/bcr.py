@@ -103,6 +103,10 @@ class PromptTemplate:
 
 
 DEFAULT_TEMPLATE = PromptTemplate()
+# For small synthetic worlds with character tokenizers: the sections alone, no instructions.
+COMPACT_TEMPLATE = PromptTemplate(single="{problem}", header="", section="### Problem {k}\n{problem}", footer="",
+                                  separator="\n")
+TEMPLATES = {"default": DEFAULT_TEMPLATE, "compact": COMPACT_TEMPLATE}
 
 
 def pack_problems(problems: Sequence[str], template: PromptTemplate | None = None) -> str:
@@ -116,7 +120,7 @@ def pack_problems(problems: Sequence[str], template: PromptTemplate | None = Non
     parts = [template.header.format(n=n)]
     parts += [template.section.format(k=k, problem=p) for k, p in enumerate(problems, start=1)]
     parts.append(template.footer.format(n=n))
-    return template.separator.join(parts)
+    return template.separator.join(part for part in parts if part)  # an empty header / footer adds nothing
 
 
 # --------------------------------------------------------------------------------------------------

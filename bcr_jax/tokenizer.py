@@ -251,6 +251,8 @@ def render_chat_prompt(
     """
     if thinking not in THINKING_MODES:
         raise ValueError(f"thinking must be one of {THINKING_MODES}, got {thinking!r}")
+    if hasattr(tokenizer, "render_chat"):  # a tokenizer with its own template (CharTokenizer)
+        return tokenizer.render_chat(user_message, system=system, thinking=thinking)
     tok = _as_hf_tokenizer(tokenizer)
     template = tok.chat_template
     if not template:
@@ -292,5 +294,75 @@ def build_chat_prompt(
     The rendered text already contains the template's BOS/role tokens, so it is encoded without
     adding special tokens (as `apply_chat_template(tokenize=True)` does).
     """
-    tok = _as_hf_tokenizer(tokenizer)
+    tok = tokenizer if hasattr(tokenizer, "render_chat") else _as_hf_tokenizer(tokenizer)
     return tok.encode(render_chat_prompt(tok, user_message, system=system, thinking=thinking))
+
+
+class CharTokenizer:
+    """A character-level `Tokenizer` with optional whole-word tokens, for toy worlds and tests (no files needed).
+
+    Ids: 0 = `<pad>`, 1 = `<eos>`, then `words` in the given order, then `characters`. Encoding is greedy: at each
+    position the longest word that matches wins, else the single character; a character outside the alphabet is
+    an error naming it. The chat "template" is the user message followed by `generation_prompt`.
+    """
+
+    PAD, EOS = "<pad>", "<eos>"
+
+    def __init__(self, characters: str, words: Sequence[str] = (), *, generation_prompt: str = "\n"):
+        if len(set(characters)) != len(characters):
+            raise ValueError("CharTokenizer: characters contain duplicates")
+        words = tuple(words)
+        if len(set(words)) != len(words) or any(not w for w in words):
+            raise ValueError("CharTokenizer: words must be distinct and non-empty")
+        self.characters, self.words, self.generation_prompt = characters, words, generation_prompt
+        self._pieces = (self.PAD, self.EOS, *words, *characters)
+        self._ids = {piece: i for i, piece in enumerate(self._pieces) if i >= 2}
+        self._words_longest_first = sorted(words, key=len, reverse=True)
+        for char in generation_prompt:
+            if char not in self._ids:
+                raise ValueError(f"CharTokenizer: generation_prompt character {char!r} is not in the alphabet")
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return (1,)
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._pieces)
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, offsets, position = [], [], 0
+        while position < len(text):
+            piece = next((w for w in self._words_longest_first if text.startswith(w, position)), text[position])
+            if piece not in self._ids:
+                raise ValueError(f"CharTokenizer: character {piece!r} at position {position} is not in the alphabet")
+            ids.append(self._ids[piece])
+            offsets.append((position, position + len(piece)))
+            position += len(piece)
+        return ids, offsets
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_offsets(text)[0]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        pieces = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < len(self._pieces):
+                pieces.append("" if skip_special_tokens else "<unk>")  # a model whose vocab exceeds ours
+            elif i < 2:
+                pieces.append("" if skip_special_tokens else self._pieces[i])
+            else:
+                pieces.append(self._pieces[i])
+        return "".join(pieces)
+
+    def render_chat(self, user_message: str, *, system: str | None = None, thinking: str = "auto") -> str:
+        del thinking  # no thinking mode
+        return ("" if system is None else system + "\n") + user_message + self.generation_prompt
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(vocab_size={self.vocab_size}, words={len(self.words)})"

@@ -2,8 +2,7 @@
 
 Experiments import `get_config()` from here and override fields; the command line overrides anything with
 `--config.section.field=value`. The default samples from the tiny random Qwen3 preset, so
-`python -m bcr_jax.main --config configs/base.py` runs anywhere in seconds (the toy world replaces it as the
-default job once it exists).
+`python -m bcr_jax.main --config configs/base.py` runs anywhere in seconds.
 """
 
 from ml_collections import config_dict
@@ -11,19 +10,96 @@ from ml_collections import config_dict
 
 def get_config() -> config_dict.ConfigDict:
     config = config_dict.ConfigDict()
-    config.mode = "sample"  # sample (train / eval arrive with their issues)
+    config.mode = "sample"  # train | sample | export (see bcr_jax.main.MODES)
+    config.workdir = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard events, exports
+    config.seed = 0  # data order, rollout sampling and dropout-free training are all derived from it
+    config.total_steps = 100  # training steps (one rollout + its optimizer passes each)
+    config.checkpoint_every = 50  # save every k steps (and at the last step)
+    config.keep_checkpoints = 3  # keep the last m checkpoints
+    config.resume = True  # continue from the latest checkpoint in workdir if there is one
 
     config.model = config_dict.ConfigDict()
     config.model.hf_path = ""  # HF checkpoint directory (config.json + safetensors + tokenizer); wins over preset
     config.model.preset = "tiny-qwen3"  # bcr_jax.models.PRESETS name, random weights (when hf_path is empty)
-    config.model.dtype = "float32"  # float32 | bfloat16
+    config.model.dtype = "float32"  # dtype the weights are loaded in (training: the master weights' dtype)
     config.model.init_seed = 0  # random-weight seed for presets
+
+    config.tokenizer = config_dict.ConfigDict()
+    config.tokenizer.kind = "auto"  # auto (the checkpoint's, none for a preset) | hf | chars
+    config.tokenizer.characters = ""  # chars: the alphabet
+    config.tokenizer.words = ()  # chars: whole-word tokens matched before single characters
 
     config.mesh = config_dict.ConfigDict()
     config.mesh.data = -1  # -1: all devices not used by the other axes
     config.mesh.fsdp = 1
     config.mesh.tensor = 1
 
+    # ---- training (mode=train)
+    config.data = config_dict.ConfigDict()
+    config.data.source = "deepmath-103k"  # a bcr_jax.data.SOURCES name, or synthetic:<generator>
+    config.data.path = ""  # local .jsonl / .json / .parquet copy of the source (instead of the hub)
+    config.data.limit = 0  # read at most this many problems (0 = all)
+    config.data.num_problems = 4096  # synthetic sources: how many problems to generate
+    config.data.problems_per_prompt = 3  # N: problems packed into one prompt (1 = plain GRPO)
+    config.data.grouping = "stratified"  # stratified (similar mean difficulty per group) | random
+    config.data.template = "default"  # bcr.TEMPLATES: default (instructions) | compact (sections only)
+    config.data.on_error = "raise"  # malformed rows: raise | skip
+
+    config.rollout = config_dict.ConfigDict()
+    config.rollout.prompts_per_step = 64  # P prompts per step
+    config.rollout.samples_per_prompt = 8  # G samples per prompt (the GRPO group)
+    config.rollout.budget = 5120  # the shared response budget = max_new_tokens
+    config.rollout.temperature = 1.0
+    config.rollout.top_p = 1.0
+    config.rollout.top_k = 0  # 0 = off
+    config.rollout.thinking = "auto"  # chat template thinking prefix: auto | force | off
+    config.rollout.require_think_close = False  # read answers only after the last </think>
+    config.rollout.decode_blocks = 4  # KV cache grows in this many blocks (see sampling.generate)
+    config.rollout.dtype = ""  # "" = the compute dtype; bfloat16 casts a rollout copy once per step
+
+    config.reward = config_dict.ConfigDict()
+    config.reward.estimator = "grpo"  # rl.ADVANTAGE_ESTIMATORS: grpo | dr_grpo
+    config.reward.reduction = "mean"  # per-instance accuracy combined as the mean or the sum over N
+    config.reward.format_weight = 0.0  # reward per well-formed answer (the paper: 0)
+    config.reward.credit = "sequence"  # sequence (the paper) | segment (each problem's tokens get its advantage)
+    config.reward.length_penalty = 0.0  # lambda of the explicit baseline: reward - lambda * |y| / budget
+
+    config.loss = config_dict.ConfigDict()
+    config.loss.policy_loss = "clipped"  # rl.POLICY_LOSSES
+    config.loss.clip_low = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high] (clip-higher)
+    config.loss.clip_high = 0.28
+    config.loss.aggregation = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    config.loss.mask_truncated = False  # drop responses cut off by the budget from the loss
+    config.loss.drop_tied_groups = False  # drop groups whose rewards all tie (zero advantage anyway)
+    config.loss.kl_weight = 0.0  # k3 KL to the frozen initial params (0: no reference params allocated)
+    config.loss.entropy_weight = 0.0  # entropy bonus
+
+    config.optim = config_dict.ConfigDict()
+    config.optim.learning_rate = 1e-6
+    config.optim.warmup_steps = 10  # linear warm-up (optimizer steps)
+    config.optim.schedule = "constant"  # after warm-up: constant | cosine | linear (decay to 0 at the end)
+    config.optim.weight_decay = 0.1
+    config.optim.grad_clip = 1.0  # global-norm clipping (0 = off)
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+
+    config.train = config_dict.ConfigDict()
+    config.train.epochs_per_rollout = 1  # mu: optimizer passes over each rollout
+    config.train.mini_batch_size = 0  # rows per optimizer step (0 = the whole rollout, P * G)
+    config.train.micro_batch_size = 0  # rows per forward/backward, gradients accumulated (0 = the mini-batch)
+    config.train.compute_dtype = "float32"  # activations and matmuls (bfloat16 with f32 master weights)
+    config.train.remat = "none"  # models.REMAT_POLICIES: none | full | dots_saveable
+    config.train.log_every = 1  # console line every k steps (metrics are written every step)
+
+    config.grading = config_dict.ConfigDict()
+    config.grading.num_workers = 0  # grading processes (0 = CPU count, at most 16)
+    config.grading.timeout_s = 3.0  # per-answer limit
+
+    config.export = config_dict.ConfigDict()
+    config.export.step = -1  # mode=export: this checkpoint step (-1 = the latest)
+
+    # ---- sampling (mode=sample)
     config.sample = config_dict.ConfigDict()
     config.sample.prompts = ("What is 2 + 3?", "Name a prime number larger than 10.")
     config.sample.prompt_file = ""  # text file, one prompt per line (wins over `prompts`)
