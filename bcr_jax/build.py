@@ -42,7 +42,9 @@ def model_config(config) -> models.ModelConfig:
     check_model(config)
     if config.model.hf_path:
         return models.read_hf_config(pathlib.Path(config.model.hf_path).expanduser(), dtype=config.model.dtype)
-    return models.get_preset(config.model.preset, dtype=config.model.dtype)
+    cfg = models.get_preset(config.model.preset, dtype=config.model.dtype)
+    vocab_size = config.model.get("vocab_size", 0)
+    return cfg.replace(vocab_size=vocab_size) if vocab_size else cfg
 
 
 def load_model(config, mesh):

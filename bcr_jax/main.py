@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 import time
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 from absl import app, logging
 from ml_collections import config_flags
 
-from bcr_jax import models, sampling, sharding
+from bcr_jax import build, models, sampling, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 
@@ -77,7 +78,31 @@ def run_sample(config) -> sampling.SampleOutput:
     return out
 
 
-MODES = {"sample": run_sample}
+def run_train(config):
+    from bcr_jax import train
+
+    return train.run_train(config)
+
+
+def run_export(config):
+    from bcr_jax import train
+
+    return train.run_export(config)
+
+
+def run_eval(config):
+    from bcr_jax import evaluate  # lazily: the data stack and matplotlib load only for this mode
+
+    return evaluate.main_eval(config)
+
+
+def run_solve(config):
+    from bcr_jax import evaluate
+
+    return evaluate.main_solve(config)
+
+
+MODES = {"sample": run_sample, "train": run_train, "export": run_export, "eval": run_eval, "solve": run_solve}
 
 
 def main(argv):
@@ -86,9 +111,14 @@ def main(argv):
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/base.py")
     if config.mode not in MODES:
-        raise app.UsageError(f"config.mode={config.mode!r}; choose from {sorted(MODES)}")
+        print(f"error: config.mode: {config.mode!r}; choose from {', '.join(sorted(MODES))}", file=sys.stderr)
+        sys.exit(2)
     logging.info("config:\n%s", config)
-    MODES[config.mode](config)
+    try:
+        MODES[config.mode](config)
+    except build.ConfigError as e:  # a user error: one line naming the key or path, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

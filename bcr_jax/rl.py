@@ -161,12 +161,15 @@ class RewardConfig:
       reduction: ``"mean"`` or ``"sum"`` of the instance rewards of a sequence.
       format_weight: Weight of the well-formed-answer term (0 in the paper).
       credit: ``"sequence"`` (the paper) or ``"segment"`` (per-problem credit by segment id).
+      length_penalty: λ of the explicit length-penalty baseline the paper shows collapsing: the sequence reward
+        becomes ``reward - λ * |y| / budget`` (0 = BCR's pure accuracy reward).
     """
 
     estimator: str = "grpo"
     reduction: Reduction = "mean"
     format_weight: float = 0.0
     credit: Credit = "sequence"
+    length_penalty: float = 0.0
 
     def __post_init__(self):
         get_advantage_fn(self.estimator)
@@ -191,11 +194,20 @@ def compute_advantages(
     problem_mask: jax.Array,
     response_mask: jax.Array,
     segment_ids: jax.Array | None = None,
+    response_lengths: jax.Array | None = None,
+    budget: int | None = None,
 ) -> Advantages:
-    """Verdicts ``[B, N]`` to token advantages ``[B, T]`` as configured (see module docstring)."""
+    """Verdicts ``[B, N]`` to token advantages ``[B, T]`` as configured (see module docstring).
+
+    ``response_lengths [B]`` and ``budget`` are needed only for ``config.length_penalty``.
+    """
     estimate = get_advantage_fn(config.estimator)
     per_problem = instance_rewards(correct, answered, problem_mask, config.format_weight)
     rewards = sequence_rewards(per_problem, problem_mask, config.reduction)
+    if config.length_penalty:
+        if response_lengths is None or not budget:
+            raise ValueError("length_penalty needs response_lengths and budget")
+        rewards = rewards - config.length_penalty * response_lengths.astype(jnp.float32) / budget
     advantages = estimate(rewards, group_size)
     if config.credit == "sequence":
         return Advantages(rewards, advantages, token_advantages(advantages, response_mask))
@@ -206,5 +218,133 @@ def compute_advantages(
 
 
 # --------------------------------------------------------------------------------------------------
-# Policy losses: added by the trainer issue.
+# Policy losses.
+#
+# A loss is a per-token value [B, T]; an aggregation turns the loss mask into per-token weights that
+# sum the per-token values to the scalar loss. Weights are computed once over a whole mini-batch
+# (before it is split into micro-batches), so accumulating micro-batch gradients gives exactly the
+# mini-batch gradient for every aggregation.
 # --------------------------------------------------------------------------------------------------
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float):
+    """PPO's clipped surrogate with separate bounds (DAPO's clip-higher): per-token loss
+    ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)`` and where the clipped term was the smaller one."""
+    ratio = jnp.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
+    return -jnp.minimum(unclipped, clipped), clipped < unclipped
+
+
+def unclipped_surrogate(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float):
+    """The importance-weighted policy gradient ``-r A`` without a trust region (a baseline; clip bounds unused)."""
+    del clip_low, clip_high
+    return -jnp.exp(logprobs - old_logprobs) * advantages, jnp.zeros(advantages.shape, bool)
+
+
+POLICY_LOSSES = {"clipped": clipped_surrogate, "unclipped": unclipped_surrogate}
+
+
+def token_mean_weights(loss_mask, budget: int):
+    """Every loss token of the batch counts equally (DAPO)."""
+    del budget
+    mask = loss_mask.astype(jnp.float32)
+    return mask / jnp.maximum(mask.sum(), 1.0)
+
+
+def seq_mean_token_mean_weights(loss_mask, budget: int):
+    """Mean over each sequence's tokens, then over the sequences that have any (the original GRPO)."""
+    del budget
+    mask = loss_mask.astype(jnp.float32)
+    tokens_per_row = mask.sum(axis=1, keepdims=True)
+    rows_with_tokens = jnp.maximum(jnp.sum(tokens_per_row > 0), 1)
+    return mask / jnp.maximum(tokens_per_row, 1.0) / rows_with_tokens
+
+
+def seq_mean_token_sum_norm_weights(loss_mask, budget: int):
+    """Dr. GRPO: each sequence's token sum over a constant, the budget, then the mean over rows -- no length bias."""
+    mask = loss_mask.astype(jnp.float32)
+    return mask / (budget * mask.shape[0])
+
+
+AGGREGATIONS = {
+    "token-mean": token_mean_weights,
+    "seq-mean-token-mean": seq_mean_token_mean_weights,
+    "seq-mean-token-sum-norm": seq_mean_token_sum_norm_weights,
+}
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """Schulman's k3 estimator of KL(policy || reference) per token: ``exp(d) - d - 1`` with ``d = ref - logp``
+    (unbiased, always >= 0)."""
+    delta = ref_logprobs - logprobs
+    return jnp.exp(delta) - delta - 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The policy-gradient objective (hashable: a static argument under ``jit``).
+
+    Attributes:
+      policy_loss: A key of :data:`POLICY_LOSSES`.
+      clip_low / clip_high: Ratio bounds ``[1 - clip_low, 1 + clip_high]``.
+      aggregation: A key of :data:`AGGREGATIONS`.
+      budget: The response budget (``seq-mean-token-sum-norm`` divides by it).
+      kl_weight: Weight of the k3 KL to reference log-probs (0: none needed).
+      entropy_weight: Weight of an entropy bonus (subtracted from the loss).
+    """
+
+    policy_loss: str = "clipped"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    aggregation: str = "token-mean"
+    budget: int = 1
+    kl_weight: float = 0.0
+    entropy_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"unknown policy loss {self.policy_loss!r}; valid choices: {', '.join(POLICY_LOSSES)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; valid choices: {', '.join(AGGREGATIONS)}")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise ValueError(f"clip bounds need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, "
+                             f"{self.clip_high}")
+        if self.budget < 1:
+            raise ValueError(f"budget must be >= 1, got {self.budget}")
+
+
+def loss_weights(config: LossConfig, loss_mask):
+    """Per-token weights ``[B, T]`` of ``config.aggregation`` over a whole mini-batch."""
+    return AGGREGATIONS[config.aggregation](loss_mask, config.budget)
+
+
+def policy_loss(config: LossConfig, logprobs, old_logprobs, advantages, weights, ref_logprobs=None, entropy=None):
+    """The scalar loss ``sum(weights * per-token loss)`` and token sums for metrics.
+
+    ``weights`` come from :func:`loss_weights` (zero off the loss mask). Returns ``(loss, sums)``; ``sums`` holds
+    ``tokens``, ``clipped``, ``kl`` and ``entropy`` summed over the loss tokens (divide by ``tokens`` for means),
+    so that micro-batch results add up.
+    """
+    per_token, was_clipped = POLICY_LOSSES[config.policy_loss](
+        logprobs, old_logprobs, advantages, config.clip_low, config.clip_high)
+    on_loss = weights > 0
+    sums = {"tokens": on_loss.sum().astype(jnp.float32),
+            "clipped": jnp.sum(was_clipped & on_loss).astype(jnp.float32)}
+    if config.kl_weight:
+        kl = k3_kl(logprobs, ref_logprobs)
+        per_token = per_token + config.kl_weight * kl
+        sums["kl"] = jnp.sum(jnp.where(on_loss, kl, 0.0))
+    if entropy is not None:
+        if config.entropy_weight:
+            per_token = per_token - config.entropy_weight * entropy
+        sums["entropy"] = jnp.sum(jnp.where(on_loss, entropy, 0.0))
+    # where, not multiply: a masked-out token's loss may be inf (an extreme ratio) and inf * 0 is NaN.
+    return jnp.sum(jnp.where(on_loss, weights * per_token, 0.0)), sums
+
+
+def tied_groups(rewards, group_size: int):
+    """``[B]`` bool: the row's group has all-equal rewards (its GRPO advantages are all 0)."""
+    grouped = rewards.reshape(-1, group_size)
+    tied = jnp.all(grouped == grouped[:, :1], axis=1)
+    return jnp.repeat(tied, group_size)

@@ -10,7 +10,7 @@ from ml_collections import config_dict
 
 def get_config() -> config_dict.ConfigDict:
     config = config_dict.ConfigDict()
-    config.mode = "sample"  # train | sample | export (see bcr_jax.main.MODES)
+    config.mode = "sample"  # train | sample | export | eval | solve (see bcr_jax.main.MODES)
     config.workdir = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard events, exports
     config.seed = 0  # data order, rollout sampling and dropout-free training are all derived from it
     config.total_steps = 100  # training steps (one rollout + its optimizer passes each)
@@ -23,6 +23,7 @@ def get_config() -> config_dict.ConfigDict:
     config.model.preset = "tiny-qwen3"  # bcr_jax.models.PRESETS name, random weights (when hf_path is empty)
     config.model.dtype = "float32"  # dtype the weights are loaded in (training: the master weights' dtype)
     config.model.init_seed = 0  # random-weight seed for presets
+    config.model.vocab_size = 0  # presets only: another vocabulary size (e.g. a CharTokenizer's); 0 = the preset's
 
     config.tokenizer = config_dict.ConfigDict()
     config.tokenizer.kind = "auto"  # auto (the checkpoint's, none for a preset) | hf | chars
@@ -111,4 +112,33 @@ def get_config() -> config_dict.ConfigDict:
     config.sample.top_k = 0  # 0 = off
     config.sample.num_samples = 1
     config.sample.seed = 0
+
+    # ---- evaluation (mode=eval): the task-scaling law, see bcr_jax/evaluate.py
+    config.eval = config_dict.ConfigDict()
+    config.eval.checkpoints = ()  # HF directories or training workdirs (workdir@step); () = this config's model
+    config.eval.labels = ()  # display names, one per checkpoint (default: directory names); the first is the Δ base
+    config.eval.benchmarks = ("math-500",)  # SOURCES names, name=local copy, synthetic:<gen>, .jsonl/.parquet
+    config.eval.problem_field = ""  # local files: the problem's field ("" = problem)
+    config.eval.answer_field = ""  # local files: the gold answer's field ("" = answer)
+    config.eval.limit = 0  # at most this many problems per benchmark (0 = all)
+    config.eval.num_problems = 256  # synthetic benchmarks: how many problems
+    config.eval.n_values = (1, 2, 3, 4, 5, 8)  # N: problems packed per prompt
+    config.eval.orderings = 1  # passes over each benchmark: 0 = its own order, then seeded shuffles
+    config.eval.samples = 4  # responses per prompt (accuracy = pass@1 averaged over them)
+    # top_k, chat-template thinking prefix and answer parser: rollout.top_k / thinking / require_think_close
+    config.eval.temperature = 0.6
+    config.eval.top_p = 0.95
+    config.eval.budget_rule = "fixed"  # fixed: eval.budget per prompt | per_problem: eval.budget_per_problem x N
+    config.eval.budget = 5120  # response tokens per prompt (fixed rule)
+    config.eval.budget_per_problem = 1024  # response tokens per problem (per_problem rule)
+    config.eval.batch_prompts = 64  # prompts per sampler call (each with eval.samples responses)
+    config.eval.seed = 0  # orderings, sampling and synthetic benchmarks
+    config.eval.rescore = False  # re-grade the cached raw responses of workdir/scaling_law.json, no sampling
+
+    # ---- solving unlabelled problems (mode=solve); sampling knobs and budget rule from config.eval
+    config.solve = config_dict.ConfigDict()
+    config.solve.path = ""  # .jsonl (problem, optional id) or .txt (one problem per line)
+    config.solve.n = 3  # problems per prompt (the last prompt may hold fewer)
+    config.solve.output = ""  # "" = workdir/solutions.jsonl
+    config.solve.checkpoint = ""  # HF directory or workdir[@step]; "" = this config's model
     return config

@@ -1,5 +1,6 @@
 """Problem sets for BCR: loading with gold answers, and grouping N problems per prompt."""
 
+from bcr_jax.data import synthetic
 from bcr_jax.data.grouping import GroupIterator, Strategy, group_indices
 from bcr_jax.data.problems import (
     SOURCES,
@@ -22,4 +23,5 @@ __all__ = [
     "Strategy",
     "group_indices",
     "load_problems",
+    "synthetic",
 ]

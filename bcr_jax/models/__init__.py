@@ -3,11 +3,11 @@
 from bcr_jax.models.config import ModelConfig, config_from_hf, config_to_hf, read_hf_config
 from bcr_jax.models.hf import KEY_MAP, hf_keys, load_hf, save_hf
 from bcr_jax.models.presets import PRESETS, get_preset
-from bcr_jax.models.transformer import (KVCache, Params, forward, forward_logits, init_params, logits_from_hidden,
-                                        param_shapes)
+from bcr_jax.models.transformer import (REMAT_POLICIES, KVCache, Params, forward, forward_logits, init_params,
+                                        logits_from_hidden, param_shapes, token_logprobs)
 
 __all__ = [
     "KEY_MAP", "KVCache", "ModelConfig", "PRESETS", "Params", "config_from_hf", "config_to_hf", "forward",
     "forward_logits", "get_preset", "hf_keys", "init_params", "load_hf", "logits_from_hidden", "param_shapes",
-    "read_hf_config", "save_hf",
+    "read_hf_config", "save_hf", "REMAT_POLICIES", "token_logprobs",
 ]

@@ -54,6 +54,7 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     dtype: str = "float32"  # dtype of params and activations; softmax, norms and logits always run in float32.
     scan_layers: bool = False  # lax.scan over the stacked layers (fast compiles) or a Python loop (fast decode on CPU/GPU).
+    remat: str = "none"  # rematerialisation of each decoder layer in the backward pass: see transformer.REMAT_POLICIES
     hf_extra: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):

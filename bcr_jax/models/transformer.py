@@ -18,6 +18,7 @@ The KV cache is an explicit pytree (`KVCache`) passed in and returned; nothing i
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -28,6 +29,15 @@ from bcr_jax.models import layers
 from bcr_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
+
+# Named jax.checkpoint policies for a decoder layer (ModelConfig.remat): what the backward pass may keep instead of
+# recomputing. "none" keeps everything (no remat); "full" keeps only the layer inputs.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @flax.struct.dataclass
@@ -202,13 +212,18 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, i
         mask_bts = key_valid_bs[:, None, :] & (key_slot_s[None, None, :] <= query_slot_t[None, :, None])
 
     x_btd = params["embed"]["embedding"][tokens_bt].astype(cfg.jnp_dtype)
+    if cfg.remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={cfg.remat!r}; choose from {sorted(REMAT_POLICIES)}")
+    decoder_layer = functools.partial(_decoder_layer, cfg, fresh_cache=fresh_cache)
+    if cfg.remat != "none":
+        decoder_layer = jax.checkpoint(decoder_layer, policy=REMAT_POLICIES[cfg.remat])
     new_k, new_v = [], []  # per layer: its tuple of blocks
     if cfg.scan_layers:
         # One traced layer body (fast compiles). With a cache the per-layer buffers are stacked for the scan, which
         # costs a cache copy per call: decode loops should use scan_layers=False.
         def body(x, per_layer):
             p, kv = per_layer
-            return _decoder_layer(cfg, p, x, cos_bth, sin_bth, mask_bts, kv, write_offset, fresh_cache)
+            return decoder_layer(p, x, cos_bth, sin_bth, mask_bts, kv, write_offset)
 
         kv_in = None if cache is None else (tuple(map(jnp.stack, cache.k)), tuple(map(jnp.stack, cache.v)))
         x_btd, kv_out = jax.lax.scan(body, x_btd, (params["layers"], kv_in))
@@ -220,7 +235,7 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, i
             kv = None
             if cache is not None:
                 kv = (tuple(block[layer] for block in cache.k), tuple(block[layer] for block in cache.v))
-            x_btd, kv = _decoder_layer(cfg, p, x_btd, cos_bth, sin_bth, mask_bts, kv, write_offset, fresh_cache)
+            x_btd, kv = decoder_layer(p, x_btd, cos_bth, sin_bth, mask_bts, kv, write_offset)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -255,3 +270,25 @@ def forward_logits(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=
     """tokens int32 [b, t] → float32 logits [b, t, v] (teacher forcing, no cache)."""
     hidden_btd, _ = forward(cfg, params, tokens_bt, positions_bt=positions_bt, input_mask_bt=input_mask_bt)
     return logits_from_hidden(cfg, params, hidden_btd)
+
+
+def token_logprobs(cfg: ModelConfig, params: Params, tokens_bt, input_mask_bt=None, *, temperature: float = 1.0,
+                   with_entropy: bool = True):
+    """Teacher-forced log-probs of each token given the ones before it, and the entropy of that next-token distribution.
+
+    Returns float32 (logprobs [b, t], entropy [b, t] or None): column t scores tokens_bt[:, t] under the logits at
+    t - 1 (column 0, which has no context, is 0). Logits are divided by `temperature` first (the distribution the
+    sampler drew from, before top-p / top-k). Sequences are right-padded (positions 0..t-1); padding is masked out
+    of attention and its columns are meaningless. This is the trainer's one log-prob function: a later issue computes
+    it in sequence chunks so that the [b, t, v] logits are never materialised.
+    """
+    hidden_btd, _ = forward(cfg, params, tokens_bt, input_mask_bt=input_mask_bt)
+    logits_btv = logits_from_hidden(cfg, params, hidden_btd[:, :-1]) / temperature
+    log_normaliser_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+    taken_bt = jnp.take_along_axis(logits_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+    logprobs_bt = jnp.pad(taken_bt - log_normaliser_bt, ((0, 0), (1, 0)))
+    if not with_entropy:
+        return logprobs_bt, None
+    probs_btv = jnp.exp(logits_btv - log_normaliser_bt[..., None])
+    entropy_bt = log_normaliser_bt - jnp.sum(probs_btv * logits_btv, axis=-1)
+    return logprobs_bt, jnp.pad(entropy_bt, ((0, 0), (1, 0)))
