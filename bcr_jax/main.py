@@ -8,7 +8,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bcr_jax import build, models, sampling, sharding
@@ -107,7 +107,13 @@ MODES = {"sample": run_sample, "train": run_train, "export": run_export, "eval":
 
 def main(argv):
     del argv
-    config = _CONFIG.value
+    try:
+        config = _CONFIG.value
+        config is None or config.mode  # the loaded config is a proxy that fails on first use
+    except OSError:  # ml_collections could not load the --config file
+        print(f"error: --config: cannot load {flags.FLAGS['config'].config_filename!r} (no such file, or it failed "
+              "to import)", file=sys.stderr)
+        sys.exit(2)
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/base.py")
     if config.mode not in MODES:
@@ -121,5 +127,20 @@ def main(argv):
         sys.exit(2)
 
 
+def parse_flags(argv):
+    """absl flag parsing, with a user's mistake (an unknown config key, a bad value) reported as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config does not have
+        missing = str(e).strip("\"'")
+        overrides = [arg.split("=")[0].removeprefix("--config.") for arg in argv[1:] if arg.startswith("--config.")]
+        named = [o for o in overrides if missing in o.split(".")]
+        print(f"error: unknown config key {named[0] if named else missing!r} (not defined in the config file)",
+              file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
