@@ -165,7 +165,7 @@ def make_update_step(cfg: models.ModelConfig, optimizer, loss_config: rl.LossCon
         zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums)
         init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32), zero_sums)
         (grads, loss, sums), _ = jax.lax.scan(accumulate, init, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -538,9 +538,10 @@ class Trainer:
 
 
 def load_reference_params(config, mesh):
-    """The frozen reference for the KL term: the initial weights, reloaded (so a resumed run has the same ones)."""
+    """The frozen reference for the KL term: the initial weights, reloaded (so a resumed run has the same ones),
+    sharded like the policy and held in the compute dtype (they are only ever read by forward passes)."""
     _, params = build.load_model(config, mesh)
-    return params
+    return _cast(params, jnp.dtype(config.train.compute_dtype))
 
 
 def run_train(config) -> TrainState:

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import shlex
-import sys
 
 import pytest
+from config_files import CONFIG_FILES, ROOT, load_config as _load
 
 from bcr_jax import main as main_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG_FILES = sorted(p for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
-
-
-def _load(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT))
-    return module.get_config()
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
