@@ -62,12 +62,12 @@ paid once per pool and a replacement worker starts in milliseconds. Each worker 
 at a time. Its budget is ``timeout_s`` seconds of *its own process's CPU time*, so a loaded machine
 (other jobs, more workers than cores) slows grading down but never changes a verdict:
 
-1. *Soft limit* (``ITIMER_PROF``, at ``soft_deadline_fraction * timeout_s`` of CPU time): SIGPROF
-   raises a BaseException that aborts slow-but-interruptible sympy work; verdict ``timeout``, and
-   the worker carries on with the next answer.
-2. *Hard limit* (``RLIMIT_CPU``, whole seconds, one second after the soft limit): the kernel kills
-   a worker stuck in C code that never returns to the interpreter; verdict ``timeout``, and the
-   parent starts a replacement.
+1. *Soft limit* (``ITIMER_PROF``, at ``soft_deadline_fraction * timeout_s`` of CPU time, 3/4 by
+   default): SIGPROF raises a BaseException that aborts slow-but-interruptible sympy work; verdict
+   ``timeout``, and the worker carries on with the next answer.
+2. *Hard limit* (``RLIMIT_CPU``, whole seconds, at least one second after ``timeout_s``): the
+   kernel kills a worker stuck in C code that never returns to the interpreter; verdict
+   ``timeout``, and the parent starts a replacement.
 3. *Wall-clock backstop* in the parent (``max(10 * timeout_s, 30 s)`` from dispatch by default):
    kills a worker hung outside the CPU (blocked, stopped). Time an answer spends queued for a free
    worker is not counted: the clock starts when it is sent.
@@ -109,9 +109,11 @@ from collections.abc import Callable, Sequence
 DEFAULT_TIMEOUT_S = 3.0
 DEFAULT_MAX_ANSWER_CHARS = 1000
 DEFAULT_MEMORY_LIMIT_MB = 2048
-# The soft (in-worker, SIGPROF) deadline as a fraction of the CPU-time budget. The hard CPU limit
-# (RLIMIT_CPU) sits one second later, so an interrupted worker has time to unwind and reply.
-DEFAULT_SOFT_DEADLINE_FRACTION = 1.0
+# The soft (in-worker, SIGPROF) deadline as a fraction of the CPU-time budget: an answer costs
+# what it did when the limits were wall-clock ones (3/4 of timeout_s). The hard CPU limit
+# (RLIMIT_CPU) comes at least a second after timeout_s: it has whole-second granularity, and a
+# SIGPROF handler runs only once a long C-level operation (a big-integer multiply) returns.
+DEFAULT_SOFT_DEADLINE_FRACTION = 0.75
 # The parent's wall-clock backstop per answer: max(factor * timeout_s, minimum). Generous, because
 # it exists only for workers hung outside the CPU; on a loaded machine wall time >> CPU time.
 BACKSTOP_FACTOR = 10.0
@@ -458,14 +460,16 @@ def _incomplete(parsed: list) -> str | None:
 def _compare(answer: str, gold: str) -> Verdict:
     import math_verify
 
-    if _incomplete(_parse_boxed(answer)):
+    try:
+        answer_parsed = _parse_boxed(answer)
+    except Exception:  # Malformed LaTeX that math-verify did not catch itself.
+        return Verdict.UNPARSABLE
+    if _incomplete(answer_parsed):
         return Verdict.UNPARSABLE
     gold_parsed = _parse_boxed(gold)
     if not gold_parsed:
         return Verdict.NOT_EQUAL
-    equal = math_verify.verify(
-        gold_parsed, _parse_boxed(answer), allow_set_relation_comp=True, timeout_seconds=None
-    )
+    equal = math_verify.verify(gold_parsed, answer_parsed, allow_set_relation_comp=True, timeout_seconds=None)
     return Verdict.EQUAL if equal else Verdict.NOT_EQUAL
 
 
@@ -587,8 +591,9 @@ class Grader:
       max_answer_chars: Longer answers are ``unparsable`` without being parsed.
       memory_limit_mb: Address-space limit of each worker (None for no limit).
       soft_deadline_fraction: When the in-worker soft deadline fires, as a fraction of
-        ``timeout_s`` of CPU time (None: no soft deadline, every overrun ends in the kernel's
-        CPU-limit kill at ``timeout_s``, rounded up to whole seconds of the worker's CPU time).
+        ``timeout_s`` of CPU time; the kernel's CPU-limit kill follows at least a second after
+        ``timeout_s``. None: no soft deadline, every overrun ends in that kill, at ``timeout_s``
+        (rounded up to whole seconds of the worker's CPU time).
       start_method: ``"forkserver"`` (default where available) or ``"spawn"``.
       startup_timeout_s: How long (wall clock) a new worker may take to become ready.
       backstop_s: Wall-clock limit per answer from dispatch, against workers hung outside the CPU

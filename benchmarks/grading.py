@@ -1,6 +1,7 @@
 """Grading throughput: answers graded per second in one rollout-sized batch.
 
-    python benchmarks/grading.py [--num-workers N] [--timeout-s S] [--batch-size 512]
+    python benchmarks/grading.py [--num-workers N] [--timeout-s S] [--batch-size 512] [--repeats 3]
+                                 [--module bcr_jax.grading ...] [--mixes plain adversarial]
 
 Two mixes, each of unique answer/gold pairs (so the workers' parse caches do not flatter the
 numbers):
@@ -13,16 +14,24 @@ numbers):
 
 To keep grading under 5% of a training step of S seconds that grades B answers, the rate must be
 above B / (0.05 S).
+
+Each mix is graded ``--repeats`` times (fresh pairs each time) and the median rate is reported, since
+the benchmark machine may be shared. ``--module`` grades with other copies of the grading module
+(before/after comparisons), their batches interleaved so that both see the same load, e.g. against
+an earlier commit's::
+
+    mkdir -p /tmp/old && git show COMMIT:bcr_jax/grading.py > /tmp/old/old_grading.py
+    PYTHONPATH=/tmp/old python benchmarks/grading.py --num-workers 2 --module old_grading bcr_jax.grading
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import statistics
 import time
 
 import numpy as np
-
-from bcr_jax import grading
 
 HOSTILE_ANSWERS = (
     r"9^{9^{9^{9}}}",
@@ -72,7 +81,7 @@ def adversarial_mix(size: int, seed: int, hostile_fraction: float) -> tuple[list
     return answers, golds, len(hostile)
 
 
-def _measure(grader: grading.Grader, answers: list[str], golds: list[str]) -> tuple[float, int]:
+def _measure(grader, answers: list[str], golds: list[str]) -> tuple[float, int]:
     replaced_before = grader.num_replaced
     start = time.perf_counter()
     grader.grade_batch(answers, golds)
@@ -82,24 +91,45 @@ def _measure(grader: grading.Grader, answers: list[str], golds: list[str]) -> tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-workers", type=int, default=None, help="default: CPU count, at most 16")
-    parser.add_argument("--timeout-s", type=float, default=grading.DEFAULT_TIMEOUT_S)
+    parser.add_argument("--timeout-s", type=float, default=3.0)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--hostile-fraction", type=float, default=0.1)
+    parser.add_argument("--repeats", type=int, default=3, help="batches per mix; the median rate is reported")
+    parser.add_argument(
+        "--module", nargs="+", default=["bcr_jax.grading"],
+        help="grading modules to benchmark; with several, their batches alternate so they share the load",
+    )
+    parser.add_argument("--mixes", nargs="+", default=["plain", "adversarial"], choices=["plain", "adversarial"])
     args = parser.parse_args()
 
-    with grading.Grader(args.num_workers, timeout_s=args.timeout_s) as grader:
-        grader.grade_batch(*plain_mix(4 * grader.num_workers, seed=0))  # Workers started and warm.
-        print(f"workers={grader.num_workers} timeout_s={args.timeout_s} batch={args.batch_size}")
-        seconds, replaced = _measure(grader, *plain_mix(args.batch_size, seed=1))
-        print(
-            f"plain       : {args.batch_size / seconds:8.1f} answers/s ({seconds:.2f} s, workers replaced: {replaced})"
-        )
-        answers, golds, num_hostile = adversarial_mix(args.batch_size, seed=2, hostile_fraction=args.hostile_fraction)
-        seconds, replaced = _measure(grader, answers, golds)
-        print(
-            f"adversarial : {args.batch_size / seconds:8.1f} answers/s "
-            f"({seconds:.2f} s, {num_hostile} hostile, workers replaced: {replaced})"
-        )
+    graders = {}
+    try:
+        for name in args.module:
+            graders[name] = importlib.import_module(name).Grader(args.num_workers, timeout_s=args.timeout_s)
+            graders[name].grade_batch(*plain_mix(4 * graders[name].num_workers, seed=0))  # Started and warm.
+        num_workers = next(iter(graders.values())).num_workers
+        print(f"workers={num_workers} timeout_s={args.timeout_s} batch={args.batch_size} repeats={args.repeats}")
+        for mix in args.mixes:
+            rates = {name: [] for name in graders}
+            replaced = dict.fromkeys(graders, 0)
+            for repeat in range(args.repeats):
+                if mix == "plain":
+                    answers, golds = plain_mix(args.batch_size, seed=1 + 2 * repeat)
+                else:
+                    answers, golds, num_hostile = adversarial_mix(args.batch_size, 2 + 2 * repeat, args.hostile_fraction)
+                for name, grader in graders.items():  # Interleaved: each module sees the same load.
+                    seconds, num_replaced = _measure(grader, answers, golds)
+                    rates[name].append(args.batch_size / seconds)
+                    replaced[name] += num_replaced
+            hostile = f" ({num_hostile} hostile)" if mix == "adversarial" else ""
+            for name in graders:
+                print(
+                    f"{mix}{hostile} {name}: {statistics.median(rates[name]):.1f} answers/s median of "
+                    f"[{', '.join(f'{r:.1f}' for r in rates[name])}], workers replaced: {replaced[name]}"
+                )
+    finally:
+        for grader in graders.values():
+            grader.close()
 
 
 if __name__ == "__main__":
