@@ -116,7 +116,8 @@ def main() -> None:
                 if mix == "plain":
                     answers, golds = plain_mix(args.batch_size, seed=1 + 2 * repeat)
                 else:
-                    answers, golds, num_hostile = adversarial_mix(args.batch_size, 2 + 2 * repeat, args.hostile_fraction)
+                    seed = 2 + 2 * repeat
+                    answers, golds, num_hostile = adversarial_mix(args.batch_size, seed, args.hostile_fraction)
                 for name, grader in graders.items():  # Interleaved: each module sees the same load.
                     seconds, num_replaced = _measure(grader, answers, golds)
                     rates[name].append(args.batch_size / seconds)

@@ -330,9 +330,10 @@ def test_grading_from_a_script_without_a_main_guard_and_from_python_c(tmp_path):
         )
     )
     one_liner = 'from bcr_jax import grading; print(grading.grade("1/2", "0.5"))'
+    pipes = {"cwd": tmp_path, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     runs = [
-        subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-        subprocess.Popen([sys.executable, "-c", one_liner], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        subprocess.Popen([sys.executable, str(script)], **pipes),
+        subprocess.Popen([sys.executable, "-c", one_liner], **pipes),
     ]
     (script_out, script_err), (c_out, c_err) = (run.communicate(timeout=120) for run in runs)
     assert (runs[0].returncode, script_out.split()) == (0, ["True", "False"]), script_err
