@@ -102,7 +102,26 @@ def run_solve(config):
     return evaluate.main_solve(config)
 
 
-MODES = {"sample": run_sample, "train": run_train, "export": run_export, "eval": run_eval, "solve": run_solve}
+def run_plan(config):
+    from bcr_jax import plan  # lazily: it may ask XLA:CPU for more devices, which only works before JAX starts
+
+    return plan.run_plan(config)
+
+
+def run_sft(config):
+    from bcr_jax import sft
+
+    return sft.run_sft(config)
+
+
+def run_toy(config):
+    from bcr_jax.toy import pipeline  # the toy world is an application of the package, loaded only here
+
+    return pipeline.run_toy(config)
+
+
+MODES = {"toy": run_toy, "sample": run_sample, "sft": run_sft, "train": run_train, "export": run_export, "eval": run_eval,
+         "solve": run_solve, "plan": run_plan}
 
 
 def main(argv):

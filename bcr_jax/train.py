@@ -234,6 +234,10 @@ def validate(config) -> None:
     if data.synthetic.is_synthetic(config.data.source):
         need(config.data.source.removeprefix(data.synthetic.PREFIX) in data.synthetic.GENERATORS, "data.source",
              f"unknown synthetic source {config.data.source!r}")
+    elif config.data.source == "local":
+        need(bool(config.data.path), "data.path", "data.source=local reads data.path; it is empty")
+        path = pathlib.Path(config.data.path).expanduser()
+        need(path.is_file(), "data.path", f"{path} does not exist")
     else:
         need(config.data.source in data.SOURCES, "data.source", f"unknown source {config.data.source!r}; "
              f"registered: {', '.join(data.SOURCES)} or synthetic:<{'|'.join(data.synthetic.GENERATORS)}>")
@@ -274,17 +278,25 @@ def validate(config) -> None:
 
 # ------------------------------------------------------------------------------------------------ data
 
+# data.source = "local": a file of our own with the fields problem / answer / difficulty / id.
+LOCAL_SOURCE = data.SourceSpec("local", "train", None, "problem", "answer", "difficulty", "id")
+
+
 def load_training_problems(config) -> list[data.Problem]:
     if data.synthetic.is_synthetic(config.data.source):
         return data.synthetic.generate_problems(config.data.source, config.data.num_problems, seed=config.seed)
+    source = LOCAL_SOURCE if config.data.source == "local" else config.data.source
     try:
-        return data.load_problems(config.data.source, config.data.path or None, on_error=config.data.on_error,
+        return data.load_problems(source, config.data.path or None, on_error=config.data.on_error,
                                   limit=config.data.limit or None)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"config.data: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ rollout
+
+SEQUENCE_MULTIPLE = 64
+
 
 class Rollout(NamedTuple):
     """One step's rollout on the host: B = P * G rows, T = prompt width + budget positions."""
@@ -323,8 +335,11 @@ def rollout(config, cfg, params, tokenizer, groups, *, seed: int, mesh: Mesh) ->
                             top_k=config.rollout.top_k, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
                             seed=seed, num_samples=samples, mesh=mesh, decode_blocks=config.rollout.decode_blocks)
     rows = len(prompts) * samples
-    prompt_width = sampling.bucket(max(len(p) for p in prompts), minimum=16)
-    width = prompt_width + config.rollout.budget
+    # Sequences are right-padded (prompt, response) rows, so the width only has to hold the longest one: rounded up
+    # to a multiple of 64 (few compiled shapes) instead of prompt + the whole budget, which most rows never reach.
+    longest = max(len(prompts[row // samples]) + len(out.tokens[row]) for row in range(rows))
+    width = min(-(-longest // SEQUENCE_MULTIPLE) * SEQUENCE_MULTIPLE,
+                sampling.bucket(max(len(p) for p in prompts), minimum=16) + config.rollout.budget)
     tokens = np.full((rows, width), tokenizer.pad_id, np.int32)
     input_mask = np.zeros((rows, width), bool)
     response_mask = np.zeros((rows, width), bool)
@@ -394,9 +409,17 @@ class Trainer:
         self.rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
         self.mini_rows = config.train.mini_batch_size or self.rows
         self.micro_rows = config.train.micro_batch_size or self.mini_rows
-        self.compute_cfg = self.cfg.replace(dtype=config.train.compute_dtype, remat=config.train.remat)
-        rollout_dtype = config.rollout.dtype or config.train.compute_dtype
-        self.rollout_cfg = self.cfg.replace(dtype=rollout_dtype)
+        # Whole-sequence attention and chunked log-probs for the update step and the teacher-forced log-probs
+        # (the sampler's prefill attends the same way; decode reads the cache); hidden states pinned to rows over
+        # the mesh's batch axes.
+        memory = dict(attention=config.train.attention, attention_block=config.train.attention_block,
+                      logprob_chunk=config.train.logprob_chunk, mesh=self.mesh)
+        try:
+            self.compute_cfg = self.cfg.replace(dtype=config.train.compute_dtype, remat=config.train.remat, **memory)
+            rollout_dtype = config.rollout.dtype or config.train.compute_dtype
+            self.rollout_cfg = self.cfg.replace(dtype=rollout_dtype, **memory)
+        except ValueError as e:  # e.g. an unknown attention implementation, named by its ModelConfig field
+            raise ConfigError(f"config.train: {e}") from None
         self.optimizer = make_optimizer(config, config.total_steps * updates_per_step(config))
         self.loss_config = rl.LossConfig(
             policy_loss=config.loss.policy_loss, clip_low=config.loss.clip_low, clip_high=config.loss.clip_high,
@@ -532,6 +555,9 @@ class Trainer:
         }
         for k in range(self.n):
             scalars[f"accuracy/position_{k + 1}"] = float(correct[:, k].mean())
+        if self.config.train.count_text:  # e.g. the toy world's redundant "check " lines
+            counts = [text.count(self.config.train.count_text) for text in roll.responses]
+            scalars["rollout/count_per_problem"] = float(np.mean(counts) / self.n)
         for key in update_metrics[0]:
             scalars[key] = float(np.mean([m[key] for m in update_metrics]))
         return scalars

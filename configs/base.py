@@ -37,7 +37,7 @@ def get_config() -> config_dict.ConfigDict:
 
     # ---- training (mode=train)
     config.data = config_dict.ConfigDict()
-    config.data.source = "deepmath-103k"  # a bcr_jax.data.SOURCES name, or synthetic:<generator>
+    config.data.source = "deepmath-103k"  # a bcr_jax.data.SOURCES name, synthetic:<generator>, or local (data.path)
     config.data.path = ""  # local .jsonl / .json / .parquet copy of the source (instead of the hub)
     config.data.limit = 0  # read at most this many problems (0 = all)
     config.data.num_problems = 4096  # synthetic sources: how many problems to generate
@@ -90,12 +90,28 @@ def get_config() -> config_dict.ConfigDict:
     config.train.mini_batch_size = 0  # rows per optimizer step (0 = the whole rollout, P * G)
     config.train.micro_batch_size = 0  # rows per forward/backward, gradients accumulated (0 = the mini-batch)
     config.train.compute_dtype = "float32"  # activations and matmuls (bfloat16 with f32 master weights)
-    config.train.remat = "none"  # models.REMAT_POLICIES: none | full | dots_saveable
+    config.train.remat = "none"  # models.REMAT_POLICIES: none | full | dots_saveable | offload_dots_with_no_batch_dims
+    # Whole-sequence attention: auto (cuDNN on GPU in bf16, splash on TPU, blocked elsewhere; plain up to one block)
+    # | plain (memory quadratic in the row width) | blocked (linear, any backend) | cudnn | splash
+    config.train.attention = "auto"
+    config.train.attention_block = 512  # query/key block of the blocked and splash paths
+    config.train.logprob_chunk = 512  # positions per lm_head chunk in the log-probs (0 = all: a [rows, T, vocab] buffer)
     config.train.log_every = 1  # console line every k steps (metrics are written every step)
+    config.train.count_text = ""  # if set, metric rollout/count_per_problem: its occurrences per problem in responses
 
     config.grading = config_dict.ConfigDict()
     config.grading.num_workers = 0  # grading processes (0 = CPU count, at most 16)
     config.grading.timeout_s = 3.0  # per-answer limit
+
+    config.sft = config_dict.ConfigDict()  # mode=sft: a warm start by next-token training (bcr_jax/sft.py)
+    config.sft.path = ""  # JSONL of {"prompt": user message, "response": target}
+    config.sft.steps = 1000
+    config.sft.learning_rate = 3e-3
+    config.sft.warmup_steps = 50
+    config.sft.decay_fraction = 0.2  # warm-up, stable, then linear decay to 0 over this last fraction (WSD)
+    config.sft.tokens_per_batch = 4096  # rows per batch = this // the batch's padded length
+    config.sft.length_multiple = 32  # examples are padded to this times a power of two (a compiled shape per bucket)
+    config.sft.log_every = 50
 
     config.export = config_dict.ConfigDict()
     config.export.step = -1  # mode=export: this checkpoint step (-1 = the latest)
@@ -141,4 +157,12 @@ def get_config() -> config_dict.ConfigDict:
     config.solve.n = 3  # problems per prompt (the last prompt may hold fewer)
     config.solve.output = ""  # "" = workdir/solutions.jsonl
     config.solve.checkpoint = ""  # HF directory or workdir[@step]; "" = this config's model
+
+    # ---- memory plan (mode=plan): bytes per device of this config's training run, see bcr_jax/plan.py
+    config.plan = config_dict.ConfigDict()
+    config.plan.accelerator = "v5p-8"  # plan.ACCELERATORS: v4-8 | v5e-8 | v5p-8 | h100-80gb | h200 (all in the table)
+    config.plan.devices = 0  # devices of that accelerator (0 = its own count: TPU chips, 8 GPUs)
+    config.plan.prompt_tokens = 512  # longest packed prompt (bucketed to a power of two, as the sampler does)
+    config.plan.compile = True  # compile the update step for the mesh (XLA:CPU if needed); False = analytic only
+    config.plan.usable_fraction = 0.9  # share of each device's memory a plan may use (the runtime keeps some)
     return config

@@ -12,5 +12,5 @@ from configs import justrl_1p5b_grpo
 def get_config():
     config = justrl_1p5b_grpo.get_config()
     config.workdir = "runs/justrl_1p5b_length_penalty"
-    config.reward.length_penalty = 0.5  # lambda: a full-budget response costs half of a correct answer
+    config.reward.length_penalty = 1.0  # the paper's -|y| / maxlen: a full-budget response costs a correct answer
     return config

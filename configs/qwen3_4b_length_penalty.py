@@ -9,5 +9,5 @@ from configs import qwen3_4b_grpo
 def get_config():
     config = qwen3_4b_grpo.get_config()
     config.workdir = "runs/qwen3_4b_length_penalty"
-    config.reward.length_penalty = 0.5
+    config.reward.length_penalty = 1.0
     return config

@@ -40,6 +40,13 @@ PRESETS: dict[str, ModelConfig] = {
         model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
         num_heads=4, num_kv_heads=1, head_dim=16, rope_theta=100000.0, rms_norm_eps=1e-5, tie_embeddings=True,
     ),
+    # A 0.64M-parameter decoder that trains in minutes on a CPU (the toy replication's warm start); vocab_size is
+    # the toy tokenizer's.
+    "mini-llama": ModelConfig(
+        model_type="llama", vocab_size=22, hidden_size=128, intermediate_size=384, num_layers=3,
+        num_heads=4, num_kv_heads=4, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=True,
+        max_position_embeddings=2048,
+    ),
     # The sampling benchmark's model (issue: hidden 256, 4 layers, 8 heads / 4 kv heads, head_dim 32, vocab 1000).
     "bench-qwen3": ModelConfig(
         model_type="qwen3", vocab_size=1000, hidden_size=256, intermediate_size=1024, num_layers=4,
