@@ -185,7 +185,7 @@ class Advantages(NamedTuple):
     token_advantages: jax.Array  # [B, T]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "group_size"))
+@functools.partial(jax.jit, static_argnames=("config", "group_size", "budget"))
 def compute_advantages(
     config: RewardConfig,
     group_size: int,
