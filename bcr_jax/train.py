@@ -415,7 +415,8 @@ class Trainer:
         memory = dict(attention=config.train.attention, attention_block=config.train.attention_block,
                       logprob_chunk=config.train.logprob_chunk, mesh=self.mesh)
         try:
-            self.compute_cfg = self.cfg.replace(dtype=config.train.compute_dtype, remat=config.train.remat, **memory)
+            self.compute_cfg = self.cfg.replace(dtype=config.train.compute_dtype, remat=config.train.remat,
+                                                scan_layers=config.train.scan_layers, **memory)
             rollout_dtype = config.rollout.dtype or config.train.compute_dtype
             self.rollout_cfg = self.cfg.replace(dtype=rollout_dtype, **memory)
         except ValueError as e:  # e.g. an unknown attention implementation, named by its ModelConfig field
@@ -563,6 +564,19 @@ class Trainer:
         return scalars
 
 
+def check_golds(problems, grader, sample_size: int, seed: int) -> grading.GoldReport:
+    """Parses (a seeded sample of) the golds as the grader will, and warns about those that do not parse whole:
+    a bad data set shows up before training, not as a reward that never comes."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(problems), size=min(sample_size, len(problems)), replace=False)
+    report = grader.check_golds([problems[i].gold for i in chosen])
+    if not report.ok:
+        share = report.num_incomplete / max(report.num_golds, 1)
+        print(f"warning: {report.num_incomplete} of {report.num_golds} sampled golds ({share:.1%}) do not parse to a "
+              f"complete expression; answers to them score 0. {report}", flush=True)
+    return report
+
+
 def load_reference_params(config, mesh):
     """The frozen reference for the KL term: the initial weights, reloaded (so a resumed run has the same ones),
     sharded like the policy and held in the compute dtype (they are only ever read by forward passes)."""
@@ -596,6 +610,8 @@ def run_train(config) -> TrainState:
     ref_params = load_reference_params(config, trainer.mesh) if config.loss.kl_weight else None
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, enabled=is_main)
     grader = grading.Grader(config.grading.num_workers or None, timeout_s=config.grading.timeout_s)
+    if is_main and start_step == 0 and config.data.check_golds:
+        check_golds(trainer.problems, grader, config.data.check_golds, config.seed)
     try:
         for step in range(start_step + 1, config.total_steps + 1):
             state, scalars = trainer.step(state, step, grader, ref_params)

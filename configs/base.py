@@ -45,6 +45,7 @@ def get_config() -> config_dict.ConfigDict:
     config.data.grouping = "stratified"  # stratified (similar mean difficulty per group) | random
     config.data.template = "default"  # bcr.TEMPLATES: default (instructions) | compact (sections only)
     config.data.on_error = "raise"  # malformed rows: raise | skip
+    config.data.check_golds = 1000  # parse this many (sampled) golds at start and warn about incomplete ones; 0 = off
 
     config.rollout = config_dict.ConfigDict()
     config.rollout.prompts_per_step = 64  # P prompts per step
@@ -96,6 +97,7 @@ def get_config() -> config_dict.ConfigDict:
     config.train.attention = "auto"
     config.train.attention_block = 512  # query/key block of the blocked and splash paths
     config.train.logprob_chunk = 512  # positions per lm_head chunk in the log-probs (0 = all: a [rows, T, vocab] buffer)
+    config.train.scan_layers = True  # update step: lax.scan over layers (bounded memory with remat, fast compiles)
     config.train.log_every = 1  # console line every k steps (metrics are written every step)
     config.train.count_text = ""  # if set, metric rollout/count_per_problem: its occurrences per problem in responses
 
