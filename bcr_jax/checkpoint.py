@@ -17,7 +17,6 @@ import json
 import pathlib
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from ml_collections import config_dict
 

@@ -4,7 +4,6 @@ rescoring, config errors, and an end-to-end run through `main.MODES` on a tiny r
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import pathlib
 import re
@@ -13,6 +12,7 @@ import types
 
 import jax
 import pytest
+from config_files import load_config
 
 from bcr_jax import evaluate, main as main_lib, sampling
 from bcr_jax.build import ConfigError
@@ -22,14 +22,7 @@ GOLD_OFFSET = 10  # problem q<i> has gold answer str(10 + i)
 
 
 def base_config(workdir):
-    spec = importlib.util.spec_from_file_location("base_config", ROOT / "configs" / "base.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT))
-    config = module.get_config()
+    config = load_config("base")
     config.workdir = str(workdir)
     config.data.template = "compact"
     config.grading.num_workers = 1
