@@ -30,6 +30,8 @@ _PRESERVED_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_window_l
 
 _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Full-sequence attention (training, prefill): see layers.causal_attention.
+ATTENTION_IMPLEMENTATIONS = ("plain", "blocked", "cudnn", "splash", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,13 @@ class ModelConfig:
     dtype: str = "float32"  # dtype of params and activations; softmax, norms and logits always run in float32.
     scan_layers: bool = False  # lax.scan over the stacked layers (fast compiles) or a Python loop (fast decode on CPU/GPU).
     remat: str = "none"  # rematerialisation of each decoder layer in the backward pass: see transformer.REMAT_POLICIES
+    # Whole-sequence attention (training, prefill): plain | blocked | cudnn | splash | auto (layers.causal_attention).
+    attention: str = "plain"
+    attention_block: int = 512  # query/key block of the blocked and splash paths (memory per block ~ block^2)
+    logprob_chunk: int = 0  # token_logprobs: positions per lm_head chunk, logits never whole (0 = all at once)
+    # The training mesh (a jax.sharding.Mesh, hashable): hidden states are pinned to rows over its ("data", "fsdp")
+    # axes. Without it XLA may split FSDP activations along d like the weights and repeat every row on every device.
+    mesh: Any = None
     hf_extra: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
@@ -66,6 +75,12 @@ class ModelConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; expected one of {tuple(_DTYPES)}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r} is not supported; expected one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block={self.attention_block} must be positive")
+        if self.logprob_chunk < 0:
+            raise ValueError(f"logprob_chunk={self.logprob_chunk} must be >= 0 (0 = unchunked)")
         rope_type = dict(self.rope_scaling).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported; expected one of {SUPPORTED_ROPE_TYPES}")

@@ -25,19 +25,37 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from bcr_jax import sharding
 from bcr_jax.models import layers
 from bcr_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
 
 # Named jax.checkpoint policies for a decoder layer (ModelConfig.remat): what the backward pass may keep instead of
-# recomputing. "none" keeps everything (no remat); "full" keeps only the layer inputs.
+# recomputing. "none" keeps everything (no remat); "full" keeps only the layer inputs. The offload policy keeps the
+# same matmul outputs as dots_with_no_batch_dims_saveable but in pinned host memory instead of HBM (fetched back for
+# the backward pass): it needs a backend with a "pinned_host" memory space (TPU, GPU, and XLA:CPU).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload_dots_with_no_batch_dims": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
+_OFFLOADING_POLICIES = ("offload_dots_with_no_batch_dims",)
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy called `name`; raises naming the field for an unknown name or an offload policy on
+    a backend without pinned host memory."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={name!r}; choose from {sorted(REMAT_POLICIES)}")
+    if name in _OFFLOADING_POLICIES:
+        kinds = {memory.kind for memory in jax.local_devices()[0].addressable_memories()}
+        if "pinned_host" not in kinds:
+            raise ValueError(f"remat={name!r} offloads to pinned host memory, which the {jax.default_backend()!r} "
+                             f"backend lacks (memory kinds {sorted(kinds)}); use 'dots_with_no_batch_dims_saveable'")
+    return REMAT_POLICIES[name]
 
 
 @flax.struct.dataclass
@@ -136,11 +154,15 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
     return jax.tree_util.tree_unflatten(treedef, [init_leaf(p, s, k) for (p, s), k in zip(leaves, keys)])
 
 
-def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_offset,
-                     fresh_cache: bool):
+def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask, kv, write_offset,
+                     fresh_cache: bool, attention: str):
     """Self-attention for one layer. With a cache, `kv` is this layer's (key blocks, value blocks): this step's
     keys/values are written into the last block at `write_offset` (in place), then attention reads every block — or,
-    for a prefill into an empty cache (`fresh_cache`), only the new tokens, skipping the empty slots."""
+    for a prefill into an empty cache (`fresh_cache`), only the new tokens, skipping the empty slots.
+
+    `mask` is [b, t, s] (True: query t reads slot s) when attention reads the cache; otherwise the sequence attends to
+    itself causally, `mask` is the [b, t] key-padding mask and `attention` names the implementation
+    (layers.causal_attention)."""
     q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, p["q_proj"]["kernel"])
     k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, p["k_proj"]["kernel"])
     v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, p["v_proj"]["kernel"])
@@ -150,18 +172,20 @@ def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_
         q_btnh = layers.rms_norm(q_btnh, p["q_norm"]["scale"], cfg.rms_norm_eps)
         k_btkh = layers.rms_norm(k_btkh, p["k_norm"]["scale"], cfg.rms_norm_eps)
     q_btnh = layers.apply_rope(q_btnh, cos_bth, sin_bth)
-    k_bkht = layers.apply_rope(k_btkh, cos_bth, sin_bth).transpose(0, 2, 3, 1)
-    v_bkth = v_btkh.transpose(0, 2, 1, 3)
-    key_blocks, value_blocks = (k_bkht,), (v_bkth,)
+    k_btkh = layers.apply_rope(k_btkh, cos_bth, sin_bth)
+    reads_cache = kv is not None and not fresh_cache
     if kv is not None:
+        k_bkht, v_bkth = k_btkh.transpose(0, 2, 3, 1), v_btkh.transpose(0, 2, 1, 3)  # the cache layouts
         *k_before, k_last = kv[0]
         *v_before, v_last = kv[1]
         k_last = jax.lax.dynamic_update_slice(k_last, k_bkht.astype(k_last.dtype), (0, 0, 0, write_offset))
         v_last = jax.lax.dynamic_update_slice(v_last, v_bkth.astype(v_last.dtype), (0, 0, write_offset, 0))
         kv = ((*k_before, k_last), (*v_before, v_last))
-        if not fresh_cache:
-            key_blocks, value_blocks = kv
-    out_btnh = layers.attend(q_btnh, key_blocks, value_blocks, mask_bts)
+    if reads_cache:
+        out_btnh = layers.attend(q_btnh, kv[0], kv[1], mask)
+    else:
+        out_btnh = layers.causal_attention(q_btnh, k_btkh, v_btkh, mask, implementation=attention,
+                                           block_size=cfg.attention_block, mesh=cfg.mesh)
     # One merged contraction axis (n*h): einsum orders several contracted labels alphabetically ("hn"), which made
     # XLA transpose the o_proj weights on every decode step.
     b, t = out_btnh.shape[:2]
@@ -170,10 +194,20 @@ def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_
     return jnp.einsum("btx,xd->btd", out_btx, o_xd), kv
 
 
-def _decoder_layer(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask_bts, kv, write_offset, fresh_cache):
+def split_rows(cfg: ModelConfig, x):
+    """`x` with its leading (row) axis split over the batch axes of `cfg.mesh` (unchanged without a mesh)."""
+    if cfg.mesh is None or cfg.mesh.size == 1:
+        return x
+    spec = sharding.batch_spec(x.ndim, x.shape[0], cfg.mesh)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(cfg.mesh, spec))
+
+
+def _decoder_layer(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask, kv, write_offset, fresh_cache,
+                   attention):
+    x_btd = split_rows(cfg, x_btd)
     attn_out, kv = _attention_block(
         cfg, p["attn"], layers.rms_norm(x_btd, p["input_norm"]["scale"], cfg.rms_norm_eps),
-        cos_bth, sin_bth, mask_bts, kv, write_offset, fresh_cache)
+        cos_bth, sin_bth, mask, kv, write_offset, fresh_cache, attention)
     x_btd = x_btd + attn_out
     x_btd = x_btd + layers.swiglu_mlp(p["mlp"], layers.rms_norm(x_btd, p["post_attn_norm"]["scale"], cfg.rms_norm_eps))
     return x_btd, kv
@@ -205,25 +239,25 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, i
         key_valid_bs = jnp.concatenate(valid_blocks, axis=1)
     else:
         write_offset = None
-    if cache is None or fresh_cache:
-        mask_bts = input_mask_bt[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]
+    if cache is None or fresh_cache:  # the sequence attends to itself: causal + key padding, no [b, t, s] mask
+        mask, attention = input_mask_bt, layers.resolve_attention(cfg.attention, t, cfg.attention_block, cfg.jnp_dtype)
     else:
         query_slot_t, key_slot_s = cache.index + jnp.arange(t), jnp.arange(cache.num_slots)
-        mask_bts = key_valid_bs[:, None, :] & (key_slot_s[None, None, :] <= query_slot_t[None, :, None])
+        mask = key_valid_bs[:, None, :] & (key_slot_s[None, None, :] <= query_slot_t[None, :, None])
+        attention = None
 
-    x_btd = params["embed"]["embedding"][tokens_bt].astype(cfg.jnp_dtype)
-    if cfg.remat not in REMAT_POLICIES:
-        raise ValueError(f"remat={cfg.remat!r}; choose from {sorted(REMAT_POLICIES)}")
-    decoder_layer = functools.partial(_decoder_layer, cfg, fresh_cache=fresh_cache)
+    x_btd = split_rows(cfg, params["embed"]["embedding"][tokens_bt].astype(cfg.jnp_dtype))
+    policy = remat_policy(cfg.remat)
+    decoder_layer = functools.partial(_decoder_layer, cfg, fresh_cache=fresh_cache, attention=attention)
     if cfg.remat != "none":
-        decoder_layer = jax.checkpoint(decoder_layer, policy=REMAT_POLICIES[cfg.remat])
+        decoder_layer = jax.checkpoint(decoder_layer, policy=policy)
     new_k, new_v = [], []  # per layer: its tuple of blocks
     if cfg.scan_layers:
         # One traced layer body (fast compiles). With a cache the per-layer buffers are stacked for the scan, which
         # costs a cache copy per call: decode loops should use scan_layers=False.
         def body(x, per_layer):
             p, kv = per_layer
-            return decoder_layer(p, x, cos_bth, sin_bth, mask_bts, kv, write_offset)
+            return decoder_layer(p, x, cos_bth, sin_bth, mask, kv, write_offset)
 
         kv_in = None if cache is None else (tuple(map(jnp.stack, cache.k)), tuple(map(jnp.stack, cache.v)))
         x_btd, kv_out = jax.lax.scan(body, x_btd, (params["layers"], kv_in))
@@ -235,12 +269,12 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, i
             kv = None
             if cache is not None:
                 kv = (tuple(block[layer] for block in cache.k), tuple(block[layer] for block in cache.v))
-            x_btd, kv = decoder_layer(p, x_btd, cos_bth, sin_bth, mask_bts, kv, write_offset)
+            x_btd, kv = decoder_layer(p, x_btd, cos_bth, sin_bth, mask, kv, write_offset)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
 
-    hidden_btd = layers.rms_norm(x_btd, params["final_norm"]["scale"], cfg.rms_norm_eps)
+    hidden_btd = split_rows(cfg, layers.rms_norm(x_btd, params["final_norm"]["scale"], cfg.rms_norm_eps))
     if cache is not None:  # back to blocks x layers
         cache = KVCache(k=tuple(zip(*new_k)), v=tuple(zip(*new_v)), valid=valid_blocks, index=cache.index + t)
     return hidden_btd, cache
@@ -279,16 +313,42 @@ def token_logprobs(cfg: ModelConfig, params: Params, tokens_bt, input_mask_bt=No
     Returns float32 (logprobs [b, t], entropy [b, t] or None): column t scores tokens_bt[:, t] under the logits at
     t - 1 (column 0, which has no context, is 0). Logits are divided by `temperature` first (the distribution the
     sampler drew from, before top-p / top-k). Sequences are right-padded (positions 0..t-1); padding is masked out
-    of attention and its columns are meaningless. This is the trainer's one log-prob function: a later issue computes
-    it in sequence chunks so that the [b, t, v] logits are never materialised.
+    of attention and its columns are meaningless. This is the trainer's one log-prob function.
+
+    With `cfg.logprob_chunk` = c > 0 the lm_head, log-softmax, gather and entropy run c positions at a time in a
+    `lax.map` whose body is a `jax.checkpoint`: no [b, t, v] logits exist in the forward pass, and the backward pass
+    recomputes one chunk's logits at a time instead of storing them (blockwise cross-entropy). Same values and
+    gradients as c = 0, which computes all positions at once.
     """
     hidden_btd, _ = forward(cfg, params, tokens_bt, input_mask_bt=input_mask_bt)
-    logits_btv = logits_from_hidden(cfg, params, hidden_btd[:, :-1]) / temperature
+    hidden_btd, targets_bt = hidden_btd[:, :-1], tokens_bt[:, 1:]
+    head = functools.partial(_logprobs_and_entropy, cfg, temperature=temperature, with_entropy=with_entropy)
+    b, t = targets_bt.shape
+    c = cfg.logprob_chunk
+    if c == 0 or t <= c:
+        logprobs_bt, entropy_bt = head(params, hidden_btd, targets_bt)
+    else:
+        num_chunks = -(-t // c)
+        pad = num_chunks * c - t  # padded positions score token 0 and are dropped below
+        hidden_ubcd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, num_chunks, c, -1).swapaxes(0, 1)
+        targets_ubc = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, num_chunks, c).swapaxes(0, 1)
+        chunk = jax.checkpoint(head, prevent_cse=False)  # saves only its inputs: the chunk's logits are recomputed
+        logprobs_ubc, entropy_ubc = jax.lax.map(lambda xs: chunk(params, *xs), (hidden_ubcd, targets_ubc))
+        unchunk = lambda x_ubc: x_ubc.swapaxes(0, 1).reshape(b, num_chunks * c)[:, :t]
+        logprobs_bt = unchunk(logprobs_ubc)
+        entropy_bt = None if entropy_ubc is None else unchunk(entropy_ubc)
+    shift = lambda x_bt: jnp.pad(x_bt, ((0, 0), (1, 0)))
+    return shift(logprobs_bt), None if entropy_bt is None else shift(entropy_bt)
+
+
+def _logprobs_and_entropy(cfg: ModelConfig, params: Params, hidden_btd, targets_bt, *, temperature: float,
+                          with_entropy: bool):
+    """log p(target) and the entropy of the next-token distribution, float32 [b, t] each (entropy None if not asked),
+    from the final hidden states: the one head computation, whole or per chunk."""
+    logits_btv = logits_from_hidden(cfg, params, split_rows(cfg, hidden_btd)) / temperature
     log_normaliser_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-    taken_bt = jnp.take_along_axis(logits_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
-    logprobs_bt = jnp.pad(taken_bt - log_normaliser_bt, ((0, 0), (1, 0)))
+    taken_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
     if not with_entropy:
-        return logprobs_bt, None
+        return taken_bt - log_normaliser_bt, None
     probs_btv = jnp.exp(logits_btv - log_normaliser_bt[..., None])
-    entropy_bt = log_normaliser_bt - jnp.sum(probs_btv * logits_btv, axis=-1)
-    return logprobs_bt, jnp.pad(entropy_bt, ((0, 0), (1, 0)))
+    return taken_bt - log_normaliser_bt, log_normaliser_bt - jnp.sum(probs_btv * logits_btv, axis=-1)
