@@ -167,4 +167,5 @@ def get_config() -> config_dict.ConfigDict:
     config.plan.prompt_tokens = 512  # longest packed prompt (bucketed to a power of two, as the sampler does)
     config.plan.compile = True  # compile the update step for the mesh (XLA:CPU if needed); False = analytic only
     config.plan.usable_fraction = 0.9  # share of each device's memory a plan may use (the runtime keeps some)
+    config.plan.search = False  # also print, per accelerator, the mesh and micro-batch that fit (analytic)
     return config
