@@ -21,6 +21,7 @@ def get_config():
 
     config.model.hf_path = ""  # required: the JustRL-DeepSeek-1.5B directory (DeepSeek-R1-Distill-Qwen-1.5B works)
     config.model.dtype = "float32"  # f32 master weights
+    config.model.preset = "justrl-deepseek-1.5b"  # architecture only (mode=plan without weights); training needs hf_path
     config.tokenizer.kind = "hf"
 
     config.data.source = "deepmath-103k"

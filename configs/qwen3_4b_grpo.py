@@ -10,6 +10,7 @@ def get_config():
     config = justrl_1p5b_grpo.get_config()
     config.workdir = "runs/qwen3_4b_grpo"
     config.model.hf_path = ""  # required: the Qwen3-4B-Thinking-2507 directory
+    config.model.preset = "qwen3-4b-thinking-2507"  # architecture only (mode=plan without weights); training needs hf_path
     config.rollout.budget = 8000
     config.train.micro_batch_size = 4
     return config
