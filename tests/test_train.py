@@ -150,7 +150,9 @@ def test_every_trainer_option_runs(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(v) for row in rows for v in row.values())
     assert "policy/kl" in rows[0] and rows[0]["optim/skipped_updates"] == 0
-    assert rows[0]["optim/learning_rate"] == 0.0  # warm-up starts at 0; cosine after it
+    # 4 updates per step (2 epochs x 2 mini-batches): warm-up 0, lr/2, then cosine decay from the peak.
+    peak = config.optim.learning_rate
+    assert rows[0]["optim/learning_rate"] < peak and rows[1]["optim/learning_rate"] < peak
 
 
 def _run_main(*args, **kwargs):
