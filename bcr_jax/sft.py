@@ -108,7 +108,7 @@ def run_sft(config) -> pathlib.Path:
     cfg = cfg.replace(remat=config.train.remat)
     optimizer = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip or 1e9),
                             optax.adamw(schedule(config), b1=config.optim.b1, b2=config.optim.b2,
-                                        weight_decay=config.optim.weight_decay, mask=train._decay_mask))
+                                        weight_decay=config.sft.weight_decay, mask=train._decay_mask))
     state = train.init_state(optimizer, params, config.seed, mesh)
     shardings = train.state_shardings(optimizer, models.param_shapes(cfg), mesh)
     batches = make_batches(examples, config, np.random.default_rng(config.seed))

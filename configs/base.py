@@ -10,7 +10,7 @@ from ml_collections import config_dict
 
 def get_config() -> config_dict.ConfigDict:
     config = config_dict.ConfigDict()
-    config.mode = "sample"  # train | sample | export | eval | solve (see bcr_jax.main.MODES)
+    config.mode = "sample"  # toy | sample | sft | train | export | eval | solve | plan (see bcr_jax.main.MODES)
     config.workdir = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard events, exports
     config.seed = 0  # data order, rollout sampling and dropout-free training are all derived from it
     config.total_steps = 100  # training steps (one rollout + its optimizer passes each)
@@ -111,6 +111,7 @@ def get_config() -> config_dict.ConfigDict:
     config.sft.learning_rate = 3e-3
     config.sft.warmup_steps = 50
     config.sft.decay_fraction = 0.2  # warm-up, stable, then linear decay to 0 over this last fraction (WSD)
+    config.sft.weight_decay = 0.1  # AdamW (betas and grad clip from config.optim)
     config.sft.tokens_per_batch = 4096  # rows per batch = this // the batch's padded length
     config.sft.length_multiple = 32  # examples are padded to this times a power of two (a compiled shape per bucket)
     config.sft.log_every = 50
@@ -168,4 +169,16 @@ def get_config() -> config_dict.ConfigDict:
     config.plan.compile = True  # compile the update step for the mesh (XLA:CPU if needed); False = analytic only
     config.plan.usable_fraction = 0.9  # share of each device's memory a plan may use (the runtime keeps some)
     config.plan.search = False  # also print, per accelerator, the mesh and micro-batch that fit (analytic)
+
+    # ---- several processes / hosts (bcr_jax/distributed.py; launch/README.md). Every process runs the same command;
+    # the mesh spans the devices of all of them. Leave all unset for one process, and on Cloud TPU / Slurm, where
+    # jax.distributed.initialize() detects them itself.
+    config.distributed = config_dict.ConfigDict()
+    config.distributed.initialize = "auto"  # auto (when a key below is set or a TPU/Slurm/MPI job is detected) | on | off
+    config.distributed.coordinator_address = ""  # host:port of process 0, the same on every process ("" = detect)
+    config.distributed.num_processes = 0  # processes in the job (0 = detect)
+    config.distributed.process_id = -1  # this process: 0 .. num_processes - 1 (-1 = detect)
+    config.distributed.local_device_ids = ()  # devices this process drives, e.g. (3,) for one GPU per process; () = all
+    config.distributed.cpu_collectives = "gloo"  # XLA:CPU cross-process collectives (CPU jobs, tests): gloo | mpi
+    config.distributed.initialization_timeout_s = 300  # how long to wait for every process to join
     return config

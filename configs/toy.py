@@ -41,6 +41,7 @@ def get_config():
     config.sft.warmup_steps = 50
     config.sft.decay_fraction = 0.2
     config.sft.tokens_per_batch = 4096
+    config.sft.weight_decay = 0.1
     config.sft.log_every = 50
 
     toy = config.toy = config_dict.ConfigDict()
@@ -60,9 +61,9 @@ def get_config():
     toy.eval_samples = 4  # responses per prompt at temperature 1 (greedy: 1)
     toy.rebuild_warm_start = False
     toy.model_preset = "mini-llama"
-    toy.sft_steps = 1500
-    toy.sft_examples = 20000
-    toy.sft_n_mix = ((1, 0.35), (2, 0.15), (3, 0.3), (4, 0.1), (8, 0.1))  # (N, weight) of the SFT prompts
+    toy.sft_steps = 2500
+    toy.sft_examples = 30000
+    toy.sft_n_mix = ((1, 0.4), (2, 0.2), (3, 0.4))  # (N, weight) of the SFT prompts
     toy.results_dir = "results"  # the full run's figures are copied here ("" = workdir only)
 
     toy.quick_rl_steps = 4
