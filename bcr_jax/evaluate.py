@@ -555,21 +555,21 @@ def _read_records(cells_dir: pathlib.Path, cell: Mapping) -> list[dict]:
 class _Progress:
     """tqdm when installed, else one plain line per update on stderr."""
 
-    def __init__(self, total: int, description: str):
-        self.total, self.done, self.description = total, 0, description
+    def __init__(self, total: int, description: str, enabled: bool = True):
+        self.total, self.done, self.description, self.enabled = total, 0, description, enabled
         try:
             from tqdm.auto import tqdm
         except ImportError:
             self._bar = None
         else:
-            self._bar = tqdm(total=total, desc=description, unit="prompt", dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc=description, unit="prompt", dynamic_ncols=True) if enabled else None
 
     def update(self, count: int, note: str = "") -> None:
         self.done += count
         if self._bar is not None:
             self._bar.set_postfix_str(note, refresh=False)
             self._bar.update(count)
-        else:
+        elif self.enabled:
             print(f"{self.description}: {self.done}/{self.total} prompts {note}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -615,8 +615,8 @@ def _plan(specs, benchmarks, settings: EvalSettings, cells_dir: pathlib.Path) ->
 
 
 def _sample_cell(cell: _Cell, policy: GenerateFn, settings: EvalSettings, grade_fn: GradeFn,
-                 progress: _Progress) -> tuple[list[dict], dict]:
-    """Samples, parses and grades every prompt of one cell; returns its records and figures."""
+                 progress: _Progress, score: bool = True) -> tuple[list[dict], dict | None]:
+    """Samples, parses and grades every prompt of one cell; returns its records and figures (None unscored)."""
     problems, n = cell.benchmark.problems, cell.n
     budget = settings.budget_for(n)
     records = []
@@ -638,8 +638,27 @@ def _sample_cell(cell: _Cell, policy: GenerateFn, settings: EvalSettings, grade_
                     "response": text, "num_tokens": int(num_tokens), "truncated": bool(truncated),
                 })
         progress.update(len(chunk), f"{cell.checkpoint.label} {cell.benchmark.name} N={n}")
+    if not score:
+        return records, None
     score_records(records, n, settings.require_think_close, grade_fn)
     return records, cell_metrics(records, n)
+
+
+def _follow_process_0(cells: list[_Cell]) -> bool:
+    """Whether this process writes (process 0). With several processes all sample every cell together (each
+    sampler call is a collective), so process 0's cache decides which cells are sampled (another host's disk may hold
+    other cells); the other processes only sample: they neither grade, write cells, nor return the table."""
+    import jax
+
+    if jax.process_count() == 1:
+        return True
+    from bcr_jax import distributed
+
+    cached = distributed.broadcast_from_main(np.array([c.cached is not None for c in cells], bool))
+    if not distributed.is_main():
+        for cell, hit in zip(cells, cached):
+            cell.cached = {"metrics": None} if hit else None
+    return distributed.is_main()
 
 
 def _row(cell: _Cell, metrics: Mapping, settings: EvalSettings) -> dict:
@@ -683,8 +702,8 @@ def run_eval(config, policies: Mapping[str, GenerateFn] | None = None, *, grade_
       grade_fn: (answers, golds) → [(correct, reason)]; default: `grading` with the config's workers/timeout.
       write: Write `scaling_law.*` into `config.workdir` (cells are cached either way).
     """
-    if config.eval.rescore:
-        return rescore(config.workdir, grade_fn=grade_fn or _config_grader(config))
+    if config.eval.rescore:  # host-only work: process 0 alone, with several processes
+        return rescore(config.workdir, grade_fn=grade_fn or _config_grader(config)) if _is_process_0() else []
     settings = settings_from_config(config)
     if policies is None:  # checked before the benchmarks, which may take long to download
         specs = resolve_checkpoints(config)
@@ -698,9 +717,10 @@ def run_eval(config, policies: Mapping[str, GenerateFn] | None = None, *, grade_
     cells_dir = workdir / CELLS_DIR
     cells_dir.mkdir(parents=True, exist_ok=True)
     cells = _plan(specs, benchmarks, settings, cells_dir)
+    writer = _follow_process_0(cells)
 
     todo = [c for c in cells if c.cached is None]
-    progress = _Progress(sum(len(c.prompts) for c in todo), "eval")
+    progress = _Progress(sum(len(c.prompts) for c in todo), "eval", enabled=writer)
     metrics_by_hash = {c.hash: c.cached["metrics"] for c in cells if c.cached is not None}
     try:
         for spec in specs:
@@ -715,13 +735,16 @@ def run_eval(config, policies: Mapping[str, GenerateFn] | None = None, *, grade_
                     check_fits([bcr.pack_problems([problems[i].text for i in p.problems], settings.template)
                                 for p in cell.prompts], settings.budget_for(cell.n))
             for cell in mine:
-                records, metrics = _sample_cell(cell, policy, settings, grade_fn, progress)
-                _write_cell(cells_dir, cell.hash, cell.key, records, metrics)
-                metrics_by_hash[cell.hash] = metrics
+                records, metrics = _sample_cell(cell, policy, settings, grade_fn, progress, score=writer)
+                if writer:
+                    _write_cell(cells_dir, cell.hash, cell.key, records, metrics)
+                    metrics_by_hash[cell.hash] = metrics
             del policy  # frees this checkpoint's weights before the next one loads
     finally:
         progress.close()
 
+    if not writer:
+        return []
     rows = add_deltas([_row(c, metrics_by_hash[c.hash], settings) for c in cells])
     if write:
         write_outputs(rows, workdir)
@@ -977,8 +1000,15 @@ def summary(rows: Sequence[Mapping], workdir) -> str:
 def main_eval(config) -> list[dict]:
     """`mode=eval`: `run_eval`, then the table on stdout."""
     rows = run_eval(config)
-    print(summary(rows, config.workdir))
+    if _is_process_0():  # the others return no table
+        print(summary(rows, config.workdir))
     return rows
+
+
+def _is_process_0() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def main_solve(config) -> list[dict]:

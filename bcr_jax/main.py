@@ -11,7 +11,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcr_jax import build, models, sampling, sharding
+from bcr_jax import build, distributed, models, sampling, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 
@@ -138,8 +138,10 @@ def main(argv):
     if config.mode not in MODES:
         print(f"error: config.mode: {config.mode!r}; choose from {', '.join(sorted(MODES))}", file=sys.stderr)
         sys.exit(2)
-    logging.info("config:\n%s", config)
     try:
+        # Before any mode touches a JAX backend: with several processes, jax.devices() must list all of theirs.
+        distributed.initialize(config)
+        logging.info("config:\n%s", config)
         MODES[config.mode](config)
     except build.ConfigError as e:  # a user error: one line naming the key or path, no traceback
         print(f"error: {e}", file=sys.stderr)

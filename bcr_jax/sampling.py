@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bcr_jax import sharding as sharding_lib
+from bcr_jax import distributed, sharding as sharding_lib
 from bcr_jax.models import transformer
 from bcr_jax.models.config import ModelConfig
 
@@ -362,6 +362,14 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
         return () if mesh is None else (mesh, shardings_key, *bucket)
 
     prefill = _prefill_program(cfg, num_samples, max_new_tokens, *placement(batch, prompt_len))
+    if mesh is not None:
+        # Every process holds the same prompts; each places only the rows its own devices hold (with several
+        # processes jit refuses host arrays split over other processes' devices).
+        prompt_sh, row_sh = (sharding_lib.batch_sharding(mesh, rank, rows) for rank, rows in
+                             ((2, batch), (1, batch * num_samples)))
+        prompt_bp, mask_bp = distributed.put(prompt_bp, prompt_sh), distributed.put(mask_bp, prompt_sh)
+        row_is_real_r, temperature_r, top_p_r, top_k_r = (distributed.put(x, row_sh) for x in
+                                                          (row_is_real_r, temperature_r, top_p_r, top_k_r))
     state = prefill(params, prompt_bp, mask_bp, row_is_real_r, jax.random.key(seed), temperature_r, top_p_r, top_k_r,
                     eos_array, np.int32(pad_id))
     block_sizes = (prompt_len,)
@@ -374,7 +382,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
         block_sizes += (block_slots,)
 
     real_rows = num_prompts * num_samples
-    tokens, logprobs, lengths, hit_eos = jax.device_get((state.tokens, state.logprobs, state.lengths, state.hit_eos))
+    # Whole on every process (all-gathered when the rows are split over several processes' devices).
+    tokens, logprobs, lengths, hit_eos = distributed.fetch((state.tokens, state.logprobs, state.lengths, state.hit_eos))
     tokens, logprobs, lengths = tokens[:real_rows], logprobs[:real_rows], lengths[:real_rows]
     return SampleOutput(
         tokens=[row[:n].tolist() for row, n in zip(tokens, lengths)],

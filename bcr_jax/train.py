@@ -21,6 +21,12 @@ counts it.
 Exact resume: the checkpoint holds the TrainState (params, optimizer state, update count, RNG, skipped count) and
 the data iterator's position; a step's sampling seed is drawn from the state's RNG, so a resumed run repeats the
 uninterrupted one.
+
+Several processes (`config.distributed`, bcr_jax/distributed.py): the mesh spans every process's devices and every
+process runs this same loop. Each packs the prompts of its block of the step's groups and decodes, splits and grades
+the responses of those groups (a group's G rows never straddle two processes); prompts and per-row results are
+gathered, so advantages, loss weights and mini-batches are computed identically everywhere, and each process feeds
+its own devices their rows. Process 0 alone writes metrics, run files and console lines; all save checkpoints.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bcr_jax import bcr, build, data, grading, models, rl, sampling, sharding
+from bcr_jax import bcr, build, data, distributed, grading, models, rl, sampling, sharding
 from bcr_jax.build import ConfigError
 
 log = logging.getLogger(__name__)
@@ -208,9 +214,9 @@ def teacher_forced_logprobs(cfg, params, tokens_bt, mask_bt, *, chunk_rows: int,
     """Per-token log-probs [B, T] (numpy), computed `chunk_rows` rows at a time to bound activation memory."""
     program = _logprob_program(cfg, temperature, mesh, chunk_rows)
     row2 = sharding.batch_sharding(mesh, 2, chunk_rows)
-    chunks = [program(params, jax.device_put(tokens_bt[i:i + chunk_rows], row2),
-                      jax.device_put(mask_bt[i:i + chunk_rows], row2)) for i in range(0, len(tokens_bt), chunk_rows)]
-    return np.concatenate([np.asarray(jax.device_get(c)) for c in chunks])
+    chunks = [program(params, distributed.put(tokens_bt[i:i + chunk_rows], row2),
+                      distributed.put(mask_bt[i:i + chunk_rows], row2)) for i in range(0, len(tokens_bt), chunk_rows)]
+    return np.concatenate([distributed.fetch(c) for c in chunks])
 
 
 # ------------------------------------------------------------------------------------------------ config checks
@@ -266,6 +272,8 @@ def validate(config) -> None:
          "linear")
     need(config.optim.learning_rate >= 0, "optim.learning_rate", "must be >= 0")
     need(config.train.compute_dtype in ("float32", "bfloat16"), "train.compute_dtype", "choose float32 or bfloat16")
+    need(config.train.attention in models.ATTENTION_IMPLEMENTATIONS, "train.attention",
+         f"{config.train.attention!r}; choose from {', '.join(models.ATTENTION_IMPLEMENTATIONS)}")
     need(config.train.remat in models.REMAT_POLICIES, "train.remat", f"{config.train.remat!r}; choose from "
          f"{', '.join(models.REMAT_POLICIES)}")
     need(config.train.epochs_per_rollout >= 1, "train.epochs_per_rollout", "must be >= 1")
@@ -299,7 +307,11 @@ SEQUENCE_MULTIPLE = 64
 
 
 class Rollout(NamedTuple):
-    """One step's rollout on the host: B = P * G rows, T = prompt width + budget positions."""
+    """One step's rollout on the host: B = P * G rows, T = prompt width + budget positions.
+
+    The arrays hold all B rows on every process. The texts (`responses`, `answers`, `golds`) hold only the rows
+    `own_rows` whose decoding and grading fall to this process (all rows with one process; see bcr_jax/distributed.py).
+    """
 
     tokens: np.ndarray  # [B, T] int32
     input_mask: np.ndarray  # [B, T] bool
@@ -307,10 +319,13 @@ class Rollout(NamedTuple):
     sampler_logprobs: np.ndarray  # [B, T] float32 at response positions
     response_lengths: np.ndarray  # [B] int32
     truncated: np.ndarray  # [B] bool
-    responses: list[str]
-    answers: list[list[str | None]]  # [B][N]
-    golds: list[list[str]]  # [B][N]
+    responses: list[str]  # [own rows]
+    answers: list[list[str | None]]  # [own rows][N]
+    golds: list[list[str]]  # [own rows][N]
     segment_ids: np.ndarray | None  # [B, T] int32 (segment credit only)
+    answered: np.ndarray  # [B, N] bool: a well-formed answer for problem k
+    text_counts: np.ndarray | None  # [B] occurrences of config.train.count_text in the response (when set)
+    own_rows: slice  # the rows of `responses` / `answers` / `golds`: whole groups
 
 
 def _segment_ids_for(tokenizer, response_ids, n, width, offset, require_think_close) -> np.ndarray:
@@ -326,10 +341,18 @@ def _segment_ids_for(tokenizer, response_ids, n, width, offset, require_think_cl
 
 
 def rollout(config, cfg, params, tokenizer, groups, *, seed: int, mesh: Mesh) -> Rollout:
+    """Samples G responses to each of the step's groups and lays them out as rows (prompt-major).
+
+    With several processes, `groups` is the whole step's list on every process: each packs and tokenizes its
+    `distributed.block` of the groups, and the gathered prompts are the single-process batch, in order. Decoding,
+    answer splitting and segment ids run on the process's own rows (those groups' samples) and are gathered as arrays.
+    """
     n, samples = config.data.problems_per_prompt, config.rollout.samples_per_prompt
     template = bcr.TEMPLATES[config.data.template]
-    prompts = [tokenizer_prompt(tokenizer, bcr.pack_problems([p.text for p in g], template), config.rollout.thinking)
-               for g in groups]
+    mine = distributed.block(len(groups))
+    own_prompts = [tokenizer_prompt(tokenizer, bcr.pack_problems([p.text for p in g], template),
+                                    config.rollout.thinking) for g in groups[mine]]
+    prompts = distributed.gather_token_lists(own_prompts, len(groups))
     out = sampling.generate(cfg, params, prompts, max_new_tokens=config.rollout.budget,
                             temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                             top_k=config.rollout.top_k, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
@@ -344,8 +367,6 @@ def rollout(config, cfg, params, tokenizer, groups, *, seed: int, mesh: Mesh) ->
     input_mask = np.zeros((rows, width), bool)
     response_mask = np.zeros((rows, width), bool)
     sampler_logprobs = np.zeros((rows, width), np.float32)
-    segment = np.zeros((rows, width), np.int32) if config.reward.credit == "segment" else None
-    responses, answers, golds = [], [], []
     for row in range(rows):
         prompt, response = prompts[row // samples], out.tokens[row]
         start, end = len(prompt), len(prompt) + len(response)
@@ -353,14 +374,26 @@ def rollout(config, cfg, params, tokenizer, groups, *, seed: int, mesh: Mesh) ->
         input_mask[row, :end] = True
         response_mask[row, start:end] = True
         sampler_logprobs[row, start:end] = out.logprobs[row]
+    # The text work, on this process's rows only (all of them with one process).
+    own_rows = slice(mine.start * samples, mine.stop * samples)
+    segment = np.zeros((own_rows.stop - own_rows.start, width), np.int32) if config.reward.credit == "segment" else None
+    responses, answers, golds = [], [], []
+    for i, row in enumerate(range(own_rows.start, own_rows.stop)):
+        response = out.tokens[row]
         text = tokenizer.decode(response, skip_special_tokens=True)
         responses.append(text)
         answers.append(bcr.split_answers(text, n, require_think_close=config.rollout.require_think_close))
         golds.append([p.gold for p in groups[row // samples]])
         if segment is not None:
-            segment[row] = _segment_ids_for(tokenizer, response, n, width, start, config.rollout.require_think_close)
+            segment[i] = _segment_ids_for(tokenizer, response, n, width, len(prompts[row // samples]),
+                                          config.rollout.require_think_close)
+    answered = np.array([[a is not None for a in row] for row in answers], bool).reshape(len(answers), n)
+    counts = (np.array([text.count(config.train.count_text) for text in responses], np.int32)
+              if config.train.count_text else None)
+    gather = functools.partial(distributed.gather_blocks, count=len(groups), rows_per_item=samples)
     return Rollout(tokens, input_mask, response_mask, sampler_logprobs, out.lengths.astype(np.int32),
-                   out.truncated, responses, answers, golds, segment)
+                   out.truncated, responses, answers, golds, None if segment is None else gather(segment),
+                   gather(answered), None if counts is None else gather(counts), own_rows)
 
 
 def tokenizer_prompt(tokenizer, message: str, thinking: str) -> list[int]:
@@ -382,7 +415,23 @@ def _grade(grader: grading.Grader, answers, golds) -> tuple[np.ndarray, dict[str
             counters[f"grading/{name}"] = float(names.count(name))
     else:
         correct = grader.grade_batch(flat_answers, flat_golds)
-    return np.asarray(correct, bool).reshape(len(answers), -1), counters
+    return np.asarray(correct, bool).reshape(len(answers), -1) if answers else np.zeros((0, 0), bool), counters
+
+
+VERDICT_NAMES = tuple(v.value for v in grading.Verdict)
+
+
+def _gather_grades(correct: np.ndarray, counters: dict[str, float], num_groups: int, samples: int, n: int):
+    """This process's verdicts ([own rows, N]) and counters → the whole step's, on every process."""
+    if jax.process_count() == 1:
+        return correct, counters
+    unknown = sorted(set(counters) - {f"grading/{name}" for name in VERDICT_NAMES})
+    if unknown:  # counts are summed as a fixed vector over grading.Verdict
+        raise ValueError(f"grading counters {unknown} are not grading.Verdict values")
+    totals = distributed.sum_over_processes(np.array([counters.get(f"grading/{name}", 0) for name in VERDICT_NAMES],
+                                                     np.int32))
+    correct = distributed.gather_blocks(correct.reshape(-1, n), num_groups, samples)
+    return correct, {f"grading/{name}": float(t) for name, t in zip(VERDICT_NAMES, totals) if t}
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -435,6 +484,7 @@ class Trainer:
         self.update_step = jit_update_step(
             make_update_step(self.compute_cfg, self.optimizer, self.loss_config, temperature=self.temperature),
             self.shardings, self.mesh, self.micro_rows)
+        self.batch_sharding = batch_sharding(self.mesh, self.micro_rows)
         self.cast_for_rollout = jax.jit(functools.partial(_cast, dtype=self.rollout_cfg.jnp_dtype),
                                         out_shardings=self.shardings.params)
 
@@ -445,7 +495,7 @@ class Trainer:
         return params if same else self.cast_for_rollout(params)
 
     def advantages(self, rollout: Rollout, correct: np.ndarray):
-        answered = np.array([[a is not None for a in row] for row in rollout.answers])
+        answered = rollout.answered
         problem_mask = np.ones_like(answered)
         result = rl.compute_advantages(
             self.reward_config, self.config.rollout.samples_per_prompt, jnp.asarray(correct), jnp.asarray(answered),
@@ -507,6 +557,8 @@ class Trainer:
             timings["time/logprobs_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             correct, grading_counters = graded.result()
+            correct, grading_counters = _gather_grades(correct, grading_counters, len(groups),
+                                                       config.rollout.samples_per_prompt, self.n)
             timings["time/grading_wait_s"] = time.perf_counter() - t0
         del rollout_params
 
@@ -517,6 +569,7 @@ class Trainer:
         for batch in self.update_batches(roll, adv.token_advantages, old_logprobs, ref_logprobs, loss_mask,
                                          shuffle_rng):
             lr = float(self._schedule(int(state.step) - int(state.skipped_updates)))
+            batch = UpdateBatch(*(distributed.put(a, self.batch_sharding) for a in batch))  # each host: its rows
             state, metrics = self.update_step(state, batch)
             update_metrics.append({**jax.device_get(metrics), "optim/learning_rate": lr})
         jax.block_until_ready(state.params)
@@ -557,8 +610,7 @@ class Trainer:
         for k in range(self.n):
             scalars[f"accuracy/position_{k + 1}"] = float(correct[:, k].mean())
         if self.config.train.count_text:  # e.g. the toy world's redundant "check " lines
-            counts = [text.count(self.config.train.count_text) for text in roll.responses]
-            scalars["rollout/count_per_problem"] = float(np.mean(counts) / self.n)
+            scalars["rollout/count_per_problem"] = float(np.mean(roll.text_counts) / self.n)
         for key in update_metrics[0]:
             scalars[key] = float(np.mean([m[key] for m in update_metrics]))
         return scalars
@@ -588,17 +640,22 @@ def run_train(config) -> TrainState:
     """Trains as configured, resuming from the workdir's latest checkpoint when `resume` is set."""
     from bcr_jax import checkpoint, metrics as metrics_lib
 
+    if checkpoint.is_remote(config.workdir):
+        raise ConfigError(f"config.workdir: {config.workdir}: training writes metrics.jsonl and TensorBoard events "
+                          "(bcr_jax/metrics.py) with local file APIs; use a local or shared-file-system workdir "
+                          "(an NFS share or a gcsfuse mount of the bucket)")
     trainer = Trainer(config)
     workdir = pathlib.Path(config.workdir)
+    # Every process saves and restores checkpoints (orbax coordinates them); only process 0 writes everything else.
     checkpointer = checkpoint.Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
-    is_main = jax.process_index() == 0
+    is_main = distributed.is_main()
     start_step = 0
     latest = checkpointer.latest_step() if config.resume else None
     if latest is not None:
         state, meta = checkpointer.restore(latest, abstract_state(config, trainer.cfg, trainer.mesh))
         trainer.iterator.load_state_dict(meta["data"])
         start_step = int(meta["step"])
-        print(f"resumed from {checkpointer.directory / str(latest)} (step {start_step})", flush=True)
+        distributed.log(f"resumed from {checkpointer.directory / str(latest)} (step {start_step})")
     else:
         if checkpointer.all_steps():
             raise ConfigError(f"config.resume=False but {checkpointer.directory} already holds checkpoints "
@@ -634,6 +691,9 @@ def run_export(config) -> pathlib.Path:
 
     from bcr_jax import checkpoint
 
+    if checkpoint.is_remote(config.workdir):
+        raise ConfigError(f"config.workdir: {config.workdir}: export writes the HF directory with local file APIs; "
+                          "copy the run (or its checkpoint) to a local directory first")
     workdir = pathlib.Path(config.workdir)
     if not checkpoint.is_run_dir(workdir):
         raise ConfigError(f"config.workdir: {workdir} holds no training run (config.json, model_config.json, "
@@ -643,7 +703,9 @@ def run_export(config) -> pathlib.Path:
     except FileNotFoundError as e:
         raise ConfigError(f"config.export.step: {e}") from None
     out = workdir / "export" / f"step_{step}"
-    models.save_hf(cfg, params, out)
+    models.save_hf(cfg, params, out)  # with several processes: all gather the weights, process 0 writes
+    if not distributed.is_main():
+        return out
     run_config = checkpoint.read_run_config(workdir)
     if run_config.model.hf_path:  # tokenizer and generation files travel with the weights
         source = pathlib.Path(run_config.model.hf_path).expanduser()

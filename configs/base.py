@@ -171,10 +171,11 @@ def get_config() -> config_dict.ConfigDict:
     config.plan.search = False  # also print, per accelerator, the mesh and micro-batch that fit (analytic)
 
     # ---- several processes / hosts (bcr_jax/distributed.py; launch/README.md). Every process runs the same command;
-    # the mesh spans the devices of all of them. Leave all unset for one process, and on Cloud TPU / Slurm, where
-    # jax.distributed.initialize() detects them itself.
+    # the mesh spans the devices of all of them. Leave all unset for one process, and under Slurm / Open MPI or with
+    # TPU_WORKER_ID set, where jax.distributed.initialize() detects them; on a Cloud TPU VM pod set initialize='on'
+    # (launch/tpu_pod.sh does): JAX reads the workers from the TPU metadata server.
     config.distributed = config_dict.ConfigDict()
-    config.distributed.initialize = "auto"  # auto (when a key below is set or a TPU/Slurm/MPI job is detected) | on | off
+    config.distributed.initialize = "auto"  # auto (a key below is set, or a TPU/Slurm/MPI job is detected) | on | off
     config.distributed.coordinator_address = ""  # host:port of process 0, the same on every process ("" = detect)
     config.distributed.num_processes = 0  # processes in the job (0 = detect)
     config.distributed.process_id = -1  # this process: 0 .. num_processes - 1 (-1 = detect)
