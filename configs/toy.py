@@ -19,7 +19,7 @@ def get_config():
     config.workdir = "runs/toy"
     config.quick = False  # True: fewer RL steps and held-out problems (CI and a first look); results stay in workdir
     config.seed = 0
-    config.mesh.data = 1  # one CPU device: the toy model is far too small to shard
+    config.mesh.data = -1  # every device on the data axis (one on a plain CPU; the model is too small to shard)
 
     config.model.preset = "mini-llama"  # only used when the warm start is rebuilt
     config.model.dtype = "float32"
