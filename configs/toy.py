@@ -17,7 +17,7 @@ def get_config():
     config = base.get_config()
     config.mode = "toy"
     config.workdir = "runs/toy"
-    config.quick = False  # True: fewer RL steps and held-out problems (CI and a first look); results stay in workdir
+    config.quick = False  # True: fewer RL steps and held-out problems (CI, a first look), in <workdir>_quick
     config.seed = 0
     config.mesh.data = -1  # every device on the data axis (one on a plain CPU; the model is too small to shard)
 

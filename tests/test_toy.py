@@ -73,7 +73,7 @@ def test_the_notebook_runs_the_quick_replication(monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    workdir = ROOT / "runs" / "toy_quick_notebook"
+    workdir = ROOT / "runs" / "toy_notebook_quick"
     shutil.rmtree(workdir, ignore_errors=True)  # the pipeline reuses finished runs; this test must not
     # The kernel inherits this process's environment: run it on one CPU device, as a user's machine would, not on
     # the 8 simulated devices of the sharding tests (slower on 2 cores, same results).

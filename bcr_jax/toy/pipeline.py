@@ -155,6 +155,8 @@ def run_toy(config) -> dict:
             raise train.ConfigError(f"config.toy.runs: unknown run {name!r}; choose from {', '.join(MODELS[1:])}")
     toy_tokenizer_fields(config)
     workdir = pathlib.Path(config.workdir)
+    if config.quick:  # never mix a quick run's files with a full run's
+        workdir = workdir.with_name(workdir.name + "_quick")
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -182,12 +184,14 @@ def run_toy(config) -> dict:
     for name in toy.runs:
         _stage(f"RL run: {name}")
         run_dir = workdir / "runs" / name
-        if run_dir.exists() and not (run_dir / "checkpoints" / str(toy.rl_steps)).is_dir():
-            shutil.rmtree(run_dir)  # an unfinished run from an interrupted job: start it over
-        if not run_dir.exists():
-            train.run_train(rl_config(config, name, warm_start, train_path, run_dir))
-        else:
+        steps = sorted(int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit())
+        if steps and steps[-1] > toy.rl_steps:
+            raise train.ConfigError(f"config.workdir: {run_dir} holds a run of {steps[-1]} steps, longer than "
+                                    f"toy.rl_steps={toy.rl_steps}; choose another config.workdir")
+        if steps and steps[-1] == toy.rl_steps:
             print(f"{run_dir} is complete; reusing it")
+        else:  # new, or interrupted: the trainer resumes from its latest checkpoint
+            train.run_train(rl_config(config, name, warm_start, train_path, run_dir))
         run_dirs[name] = run_dir
 
     checkpoints = {"warm_start": str(warm_start), **{name: str(d) for name, d in run_dirs.items()}}
@@ -207,6 +211,7 @@ def run_toy(config) -> dict:
     plot_training(curves, workdir / "toy_training.png")
     result = {
         "rows": rows,
+        "workdir": str(workdir),
         "command": "python -m bcr_jax.main " + " ".join(sys.argv[1:]) if sys.argv and "main" in sys.argv[0]
         else "bcr_jax.toy.pipeline.run_toy",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
