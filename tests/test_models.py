@@ -255,3 +255,20 @@ def test_rope_scaling_matches_transformers(case, tmp_path):
     tokens = _tokens(cfg.vocab_size, batch=2, length=40)
     np.testing.assert_allclose(np.asarray(models.forward_logits(cfg, params, jnp.asarray(tokens))),
                                torch_logits(model, tokens), atol=1e-4)
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("width_in, width_out", [(8, 24), (24, 8)])  # the narrow operand on either side
+def test_dense_gradients_equal_the_plain_einsum(transpose_w, width_in, width_out):
+    """layers.dense's hand-written backward (laid out for XLA:CPU) against autodiff of the plain einsum."""
+
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (3, 5, width_in))
+    w = jax.random.normal(kw, (width_out, width_in) if transpose_w else (width_in, width_out))
+    cotangent = jax.random.normal(kg, (3, 5, width_out))
+    spec = "bti,oi->bto" if transpose_w else "bti,io->bto"
+    ours = jax.vjp(lambda a, b: layers.dense(a, b, transpose_w), x, w)
+    plain = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, w)
+    np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6, atol=1e-6)
+    for got, want in zip(ours[1](cotangent), plain[1](cotangent)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -126,10 +126,47 @@ def attend(q_btnh, key_blocks, value_blocks, mask_bts):
     return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)  # a free bitcast when t = 1 (decode)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense(x, w, transpose_w: bool = False, out_dtype=None):
+    """`x [..., i] @ w [i, o]` (or `@ w.T` for `w [o, i]` with `transpose_w`), with a backward pass laid out for
+    XLA:CPU.
+
+    The weight gradient contracts the two activations over their rows (tokens). XLA:CPU's matmuls take the left
+    operand with its contracted axis last, so it copies the left one into a transposed layout first. JAX's own
+    transpose rule always puts the output cotangent on the left: for the MLP's gate/up projections and the lm_head
+    that is the wide [tokens, f or v] array, and the copy (fused with the SiLU backward) cost more than the matmul.
+    Here the narrower activation goes on the left, so the copy is the small one. Same values as the plain einsum
+    (one f32 matmul either way); no effect on other backends' results.
+    """
+    spec = "...i,oi->...o" if transpose_w else "...i,io->...o"
+    return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+
+
+def _dense_fwd(x, w, transpose_w, out_dtype):
+    return dense(x, w, transpose_w, out_dtype), (x, w)
+
+
+def _dense_bwd(transpose_w, out_dtype, residuals, g):
+    x, w = residuals
+    dx = jnp.einsum("...o,oi->...i" if transpose_w else "...o,io->...i", g, w,
+                    preferred_element_type=jnp.float32).astype(x.dtype)
+    x_ti, g_to = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    if x_ti.shape[1] <= g_to.shape[1]:  # transpose x (the narrower): dw[i, o] directly
+        dw_io = jnp.einsum("ti,to->io", x_ti, g_to, preferred_element_type=jnp.float32)
+        dw = dw_io.T if transpose_w else dw_io
+    else:  # transpose g: dw[o, i], then the (small) weight-shaped transpose if needed
+        dw_oi = jnp.einsum("to,ti->oi", g_to, x_ti, preferred_element_type=jnp.float32)
+        dw = dw_oi if transpose_w else dw_oi.T
+    return dx, dw.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 def swiglu_mlp(p, x_btd):
-    gate_btf = jnp.einsum("btd,df->btf", x_btd, p["gate_proj"]["kernel"])
-    up_btf = jnp.einsum("btd,df->btf", x_btd, p["up_proj"]["kernel"])
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, p["down_proj"]["kernel"])
+    gate_btf = dense(x_btd, p["gate_proj"]["kernel"])
+    up_btf = dense(x_btd, p["up_proj"]["kernel"])
+    return dense(jax.nn.silu(gate_btf) * up_btf, p["down_proj"]["kernel"])
 
 
 # ------------------------------------------------------------------------------------------- full-sequence attention

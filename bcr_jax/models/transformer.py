@@ -296,8 +296,8 @@ def unstack_layers(params: Params) -> Params:
 def logits_from_hidden(cfg: ModelConfig, params: Params, hidden_btd):
     """Vocabulary logits in float32 (the lm_head, or the tied embedding)."""
     if cfg.tie_embeddings:
-        return jnp.einsum("btd,vd->btv", hidden_btd, params["embed"]["embedding"], preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", hidden_btd, params["lm_head"]["kernel"], preferred_element_type=jnp.float32)
+        return layers.dense(hidden_btd, params["embed"]["embedding"], True, jnp.float32)
+    return layers.dense(hidden_btd, params["lm_head"]["kernel"], False, jnp.float32)
 
 
 def forward_logits(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, input_mask_bt=None):
