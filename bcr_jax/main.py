@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 import sys
 import time
@@ -78,50 +79,27 @@ def run_sample(config) -> sampling.SampleOutput:
     return out
 
 
-def run_train(config):
-    from bcr_jax import train
+def _lazy(module: str, function: str):
+    """A mode that imports its module on first use: modes load only what they need (the data stack and matplotlib
+    for eval, the toy world for toy; plan may ask XLA:CPU for more devices, which only works before JAX starts)."""
 
-    return train.run_train(config)
+    def run(config):
+        return getattr(importlib.import_module(module), function)(config)
 
-
-def run_export(config):
-    from bcr_jax import train
-
-    return train.run_export(config)
-
-
-def run_eval(config):
-    from bcr_jax import evaluate  # lazily: the data stack and matplotlib load only for this mode
-
-    return evaluate.main_eval(config)
+    run.__name__ = f"run_{function}"
+    return run
 
 
-def run_solve(config):
-    from bcr_jax import evaluate
-
-    return evaluate.main_solve(config)
-
-
-def run_plan(config):
-    from bcr_jax import plan  # lazily: it may ask XLA:CPU for more devices, which only works before JAX starts
-
-    return plan.run_plan(config)
-
-
-def run_sft(config):
-    from bcr_jax import sft
-
-    return sft.run_sft(config)
-
-
-def run_toy(config):
-    from bcr_jax.toy import pipeline  # the toy world is an application of the package, loaded only here
-
-    return pipeline.run_toy(config)
-
-
-MODES = {"toy": run_toy, "sample": run_sample, "sft": run_sft, "train": run_train, "export": run_export, "eval": run_eval,
-         "solve": run_solve, "plan": run_plan}
+MODES = {
+    "toy": _lazy("bcr_jax.toy.pipeline", "run_toy"),
+    "sample": run_sample,
+    "sft": _lazy("bcr_jax.sft", "run_sft"),
+    "train": _lazy("bcr_jax.train", "run_train"),
+    "export": _lazy("bcr_jax.train", "run_export"),
+    "eval": _lazy("bcr_jax.evaluate", "main_eval"),
+    "solve": _lazy("bcr_jax.evaluate", "main_solve"),
+    "plan": _lazy("bcr_jax.plan", "run_plan"),
+}
 
 
 def main(argv):

@@ -47,6 +47,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bcr_jax import bcr, build, data, distributed, grading, models, rl, sampling, sharding
+from bcr_jax import tokenizer as tokenizer_lib
 from bcr_jax.build import ConfigError
 
 log = logging.getLogger(__name__)
@@ -142,9 +143,12 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def make_update_step(cfg: models.ModelConfig, optimizer, loss_config: rl.LossConfig, *, temperature: float = 1.0):
+def make_update_step(cfg: models.ModelConfig, optimizer, loss_config: rl.LossConfig, *, temperature: float = 1.0,
+                     learning_rate: optax.Schedule | None = None):
     """The pure update `(state, batch) -> (state, metrics)`: accumulates the gradient over the batch's micro-batches
-    (a `lax.scan`), applies one optimizer step unless the loss or the gradient is non-finite.
+    (a `lax.scan`), applies one optimizer step unless the loss or the gradient is non-finite. With `learning_rate`
+    (the optimizer's schedule), the metrics include the rate this update used, computed on the device so the host
+    never waits for the step count.
 
     `cfg` is the compute config (its dtype is the activations' dtype; params are cast to it inside the loss, so the
     state keeps f32 master weights and the gradient arrives in the master dtype).
@@ -166,9 +170,8 @@ def make_update_step(cfg: models.ModelConfig, optimizer, loss_config: rl.LossCon
             return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
                     jax.tree.map(jnp.add, sums_total, sums)), None
 
-        zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_fn, state.params,
-                                                                jax.tree.map(lambda x: x[0], batch))[1])
-        zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums)
+        sums_shape = jax.eval_shape(loss_fn, state.params, jax.tree.map(lambda x: x[0], batch))[1]
+        zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
         init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32), zero_sums)
         (grads, loss, sums), _ = jax.lax.scan(accumulate, init, batch)
         grad_norm = optax.tree.norm(grads)
@@ -185,6 +188,8 @@ def make_update_step(cfg: models.ModelConfig, optimizer, loss_config: rl.LossCon
                    "policy/loss_tokens": sums["tokens"]}
         if "kl" in sums:
             metrics["policy/kl"] = sums["kl"] / tokens
+        if learning_rate is not None:  # optax counts applied updates only
+            metrics["optim/learning_rate"] = learning_rate(state.step - state.skipped_updates)
         return new_state, metrics
 
     return update_step
@@ -350,8 +355,8 @@ def rollout(config, cfg, params, tokenizer, groups, *, seed: int, mesh: Mesh) ->
     n, samples = config.data.problems_per_prompt, config.rollout.samples_per_prompt
     template = bcr.TEMPLATES[config.data.template]
     mine = distributed.block(len(groups))
-    own_prompts = [tokenizer_prompt(tokenizer, bcr.pack_problems([p.text for p in g], template),
-                                    config.rollout.thinking) for g in groups[mine]]
+    own_prompts = [tokenizer_lib.build_chat_prompt(tokenizer, bcr.pack_problems([p.text for p in g], template),
+                                                   thinking=config.rollout.thinking) for g in groups[mine]]
     prompts = distributed.gather_token_lists(own_prompts, len(groups))
     out = sampling.generate(cfg, params, prompts, max_new_tokens=config.rollout.budget,
                             temperature=config.rollout.temperature, top_p=config.rollout.top_p,
@@ -396,25 +401,13 @@ def rollout(config, cfg, params, tokenizer, groups, *, seed: int, mesh: Mesh) ->
                    gather(answered), None if counts is None else gather(counts), own_rows)
 
 
-def tokenizer_prompt(tokenizer, message: str, thinking: str) -> list[int]:
-    from bcr_jax import tokenizer as tokenizer_lib
-
-    return tokenizer_lib.build_chat_prompt(tokenizer, message, thinking=thinking)
-
-
 def _grade(grader: grading.Grader, answers, golds) -> tuple[np.ndarray, dict[str, float]]:
-    """Verdicts [B, N] and grading counters; uses reasoned verdicts where the grader offers them."""
+    """Verdicts [B, N] and the count of each verdict reason (`grading/<reason>`)."""
     flat_answers = [a for row in answers for a in row]
     flat_golds = [g for row in golds for g in row]
-    counters = {}
-    if hasattr(grader, "grade_batch_verdicts"):
-        verdicts = grader.grade_batch_verdicts(flat_answers, flat_golds)
-        names = [str(getattr(v, "value", v)) for v in verdicts]
-        correct = [name == "equal" for name in names]
-        for name in sorted(set(names)):
-            counters[f"grading/{name}"] = float(names.count(name))
-    else:
-        correct = grader.grade_batch(flat_answers, flat_golds)
+    names = [v.value for v in grader.grade_batch_verdicts(flat_answers, flat_golds)]
+    correct = [name == grading.Verdict.EQUAL.value for name in names]
+    counters = {f"grading/{name}": float(names.count(name)) for name in sorted(set(names))}
     return np.asarray(correct, bool).reshape(len(answers), -1) if answers else np.zeros((0, 0), bool), counters
 
 
@@ -481,8 +474,10 @@ class Trainer:
             length_penalty=config.reward.length_penalty)
         self.temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
         self.shardings = state_shardings(self.optimizer, models.param_shapes(self.cfg), self.mesh)
+        total_updates = config.total_steps * updates_per_step(config)
         self.update_step = jit_update_step(
-            make_update_step(self.compute_cfg, self.optimizer, self.loss_config, temperature=self.temperature),
+            make_update_step(self.compute_cfg, self.optimizer, self.loss_config, temperature=self.temperature,
+                             learning_rate=learning_rate_schedule(config, total_updates)),
             self.shardings, self.mesh, self.micro_rows)
         self.batch_sharding = batch_sharding(self.mesh, self.micro_rows)
         self.cast_for_rollout = jax.jit(functools.partial(_cast, dtype=self.rollout_cfg.jnp_dtype),
@@ -565,14 +560,13 @@ class Trainer:
         adv, answered = self.advantages(roll, correct)
         loss_mask = self.loss_mask(roll, adv.sequence_rewards)
         t0 = time.perf_counter()
-        update_metrics = []
+        update_metrics = []  # device arrays, fetched once after the loop: updates are dispatched back to back
         for batch in self.update_batches(roll, adv.token_advantages, old_logprobs, ref_logprobs, loss_mask,
                                          shuffle_rng):
-            lr = float(self._schedule(int(state.step) - int(state.skipped_updates)))
             batch = UpdateBatch(*(distributed.put(a, self.batch_sharding) for a in batch))  # each host: its rows
             state, metrics = self.update_step(state, batch)
-            update_metrics.append({**jax.device_get(metrics), "optim/learning_rate": lr})
-        jax.block_until_ready(state.params)
+            update_metrics.append(metrics)
+        update_metrics = jax.device_get(update_metrics)
         timings["time/update_s"] = time.perf_counter() - t0
         timings["time/step_s"] = time.perf_counter() - start
 
@@ -580,10 +574,6 @@ class Trainer:
         scalars.update(grading_counters)
         scalars["optim/skipped_updates"] = float(state.skipped_updates)
         return state, scalars
-
-    @functools.cached_property
-    def _schedule(self):
-        return learning_rate_schedule(self.config, self.config.total_steps * updates_per_step(self.config))
 
     def _step_metrics(self, roll, correct, answered, adv, old_logprobs, loss_mask, update_metrics, timings):
         response_tokens = float(roll.response_lengths.sum())
