@@ -1,17 +1,18 @@
 """XLA:CPU threading for this project's entry points, chosen from measurements instead of left to chance.
 
-Measured on the 2-core development machine (`benchmarks/xla_threading.py`; figures in benchmarks/RESULTS.md,
-"## CPU threading"): XLA:CPU's default spreads each Eigen op (the dots of a decode step, the small matmuls of a toy
-update) over an intra-op thread pool as wide as the machine. For this project's shapes that costs more in handing
-work to the pool and waiting for it than it gains, and it makes a run's speed depend on where the scheduler puts the
-threads: the same sampler benchmark moved 1.7x between identical runs. `CHOSEN` below measured faster at the median
-and steadier run to run, for sampling and for the update step.
+XLA:CPU runs an executable's ops on a thread pool as wide as the machine, in two ways: independent ops run at the
+same time (the thunk executor, fed by a schedule that XLA orders for concurrency by default), and an Eigen op may
+itself be split over the pool. `CHOSEN` turns both down: the schedule minimises live memory instead
+(`--xla_cpu_enable_concurrency_optimized_scheduler=false`) and each Eigen op runs on one thread
+(`--xla_cpu_multi_thread_eigen=false`). `benchmarks/xla_threading.py` measured it against XLA's defaults on this
+project's sampler and update step (figures and the commands behind them: benchmarks/RESULTS.md, "## CPU threading").
 
-Only entry points call `configure()` (`python -m bcr_jax.main`, the benchmarks, the notebook), and they call it
-before JAX initialises its backend, which is when XLA reads `XLA_FLAGS`. Importing `bcr_jax` changes nothing global.
-A flag the user already names in `XLA_FLAGS` is left as the user set it: to get XLA's own default back, say so, e.g.
-`XLA_FLAGS=--xla_cpu_multi_thread_eigen=true`. Nothing is set where JAX will pick an accelerator (a TPU/GPU plugin is
-installed and `JAX_PLATFORMS` does not ask for the CPU): those flags only tune the CPU backend.
+Only entry points call `configure()` (`python -m bcr_jax.main`, the benchmarks, the notebook), before JAX
+initialises its backend, which is when XLA reads `XLA_FLAGS`; importing `bcr_jax` changes nothing global. A flag the
+user already names in `XLA_FLAGS` is left as the user set it, so XLA's defaults come back with
+`XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=true --xla_cpu_multi_thread_eigen=true"`
+(`default_flags()`). Nothing is set where JAX will pick an accelerator (a TPU / GPU plugin is installed and
+`JAX_PLATFORMS` does not ask for the CPU): these flags only tune the CPU backend.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ import warnings
 from collections.abc import MutableMapping
 
 # (flag, value) pairs set when the user has not named the flag; the measurements behind them are in the docstring.
-CHOSEN: tuple[tuple[str, str], ...] = (("xla_cpu_multi_thread_eigen", "false"),)
-# XLA's own values of the same flags, for the documentation and for benchmarks that compare against the default.
-XLA_DEFAULTS: dict[str, str] = {"xla_cpu_multi_thread_eigen": "true"}
+CHOSEN: tuple[tuple[str, str], ...] = (
+    ("xla_cpu_enable_concurrency_optimized_scheduler", "false"),
+    ("xla_cpu_multi_thread_eigen", "false"),
+)
+# XLA's own values of the same flags (jaxlib 0.10), for the documentation and for benchmarks against the default.
+XLA_DEFAULTS: dict[str, str] = {"xla_cpu_enable_concurrency_optimized_scheduler": "true",
+                                "xla_cpu_multi_thread_eigen": "true"}
 
 # Python modules whose presence makes JAX choose an accelerator backend by default.
 _ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
@@ -98,9 +103,11 @@ def configure(environ: MutableMapping[str, str] = os.environ) -> tuple[str, ...]
     return missing
 
 
-def describe(added: tuple[str, ...]) -> str:
+def describe(added: tuple[str, ...], environ: MutableMapping[str, str] = os.environ) -> str:
     """One log line for what `configure` did."""
     if added:
-        return (f"XLA:CPU threading: added {' '.join(added)} to XLA_FLAGS (measured faster and steadier here; "
-                f"XLA_FLAGS={default_flags()} restores XLA's default)")
-    return f"XLA:CPU threading: XLA_FLAGS left as it is ({os.environ.get('XLA_FLAGS', '') or 'unset'})"
+        return (f"XLA:CPU threading: added {' '.join(added)} to XLA_FLAGS (bcr_jax.cpu_threading; "
+                f"XLA_FLAGS=\"{default_flags()}\" restores XLA's defaults)")
+    if not will_use_cpu(environ):
+        return "XLA:CPU threading: not set (JAX will run on an accelerator)"
+    return f"XLA:CPU threading: XLA_FLAGS left as it is ({environ.get('XLA_FLAGS', '') or 'unset'})"

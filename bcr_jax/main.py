@@ -12,7 +12,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcr_jax import build, distributed, models, sampling, sharding
+from bcr_jax import build, cpu_threading, distributed, models, sampling, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 
@@ -119,6 +119,7 @@ def main(argv):
     try:
         # Before any mode touches a JAX backend: with several processes, jax.devices() must list all of theirs.
         distributed.initialize(config)
+        logging.info(cpu_threading.describe(_THREADING_ADDED))
         logging.info("config:\n%s", config)
         MODES[config.mode](config)
     except build.ConfigError as e:  # a user error: one line naming the key or path, no traceback
@@ -141,5 +142,9 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+_THREADING_ADDED: tuple[str, ...] = ()  # what cpu_threading.configure() added to XLA_FLAGS for this run
+
 if __name__ == "__main__":
+    # First of all, so that no config file or mode can start JAX's backend before XLA_FLAGS is final.
+    _THREADING_ADDED = cpu_threading.configure()
     app.run(main, flags_parser=parse_flags)

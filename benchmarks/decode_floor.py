@@ -4,7 +4,8 @@
 
 The sampler benchmark (`benchmarks/sampling.py`) times whole `generate` calls. This one splits a decode step of the
 bench-qwen3 config (random fp32 weights) into what it cannot avoid, each part jitted as a `fori_loop` over N - 1
-steps on the same shapes as our decode and timed on its own (best of --repeats, after a compile):
+steps on the same shapes as our decode. Every timed call is compiled and warmed up first; then --repeats passes
+run each of them once, in turn, the order rotating from pass to pass, so drift of the machine hits all alike:
 
 * gemms: the step's matmuls and nothing else — q/k/v/o, gate/up/down for every layer and the lm_head on a
   [B, d] activation, chained through a residual add so XLA can neither skip nor batch steps. No attention, norms,
@@ -13,12 +14,15 @@ steps on the same shapes as our decode and timed on its own (best of --repeats, 
 * ours: `generate`'s decode loop per step: (time of N new tokens - time of 1 new token) / (N - 1).
 * transformers: `generate` per step, the same way (greedy, EOS off, same weights and prompts).
 
-It prints ms per step and the tokens/s each would give, and what a target multiple of transformers would need.
+It prints ms per step (median over passes, and the spread: fastest-slowest pass) and the tokens/s each would give,
+and what a target multiple of transformers would need. XLA:CPU runs with the project's threading
+(`bcr_jax.cpu_threading`) unless XLA_FLAGS names the flag.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 import warnings
@@ -28,18 +32,23 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from bcr_jax import cpu_threading
 from bcr_jax.models import get_preset, init_params, layers, save_hf
 from bcr_jax.sampling import bucket, generate
 
 
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def interleaved_seconds(calls: dict, passes: int) -> dict[str, list[float]]:
+    """Warms up every call, then `passes` rounds of one timed call each, the order rotating; seconds per pass."""
+    for fn in calls.values():
+        fn()  # compile / warm up
+    names = list(calls)
+    times = {name: [] for name in names}
+    for p in range(passes):
+        for name in names[p % len(names):] + names[:p % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def gemm_loop(cfg, params, steps: int):
@@ -86,9 +95,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing passes (default 5)")
     parser.add_argument("--target", type=float, default=3.0, help="multiple of transformers to compare against")
     args = parser.parse_args()
+    threading_added = cpu_threading.configure()  # before JAX's backend starts
     warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
     cfg = get_preset("bench-qwen3")
     params = init_params(cfg, jax.random.key(0), std=0.1)
@@ -98,16 +108,12 @@ def main() -> None:
 
     x = jax.random.normal(jax.random.key(2), (b, cfg.hidden_size))
     gemm_run = gemm_loop(cfg, params, steps)
-    gemms = best_seconds(lambda: gemm_run(x).block_until_ready(), args.repeats) / steps
     q = jax.random.normal(jax.random.key(3), (b, 1, cfg.num_heads, cfg.head_dim))
     slots = bucket(p, minimum=16) + n
     attention_run = attention_loop(cfg, b, slots, steps)
-    attention = best_seconds(lambda: attention_run(q).block_until_ready(), args.repeats) / steps
 
     def ours(tokens: int):
         return lambda: generate(cfg, params, prompts.tolist(), max_new_tokens=tokens, eos_ids=()).token_array
-
-    ours_step = (best_seconds(ours(n), args.repeats) - best_seconds(ours(1), args.repeats)) / steps
 
     with tempfile.TemporaryDirectory() as scratch:
         save_hf(cfg, params, scratch)
@@ -122,15 +128,28 @@ def main() -> None:
                                       min_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
         return run
 
-    hf_step = (best_seconds(hf(n), args.repeats) - best_seconds(hf(1), args.repeats)) / steps
+    t = interleaved_seconds({
+        "gemms": lambda: gemm_run(x).block_until_ready(), "attention": lambda: attention_run(q).block_until_ready(),
+        "ours_n": ours(n), "ours_1": ours(1), "hf_n": hf(n), "hf_1": hf(1)}, args.repeats)
+    per_step = {  # seconds per decode step, pass by pass (a decode step = a whole call of N tokens less one of 1)
+        "gemms": [s / steps for s in t["gemms"]], "attention": [s / steps for s in t["attention"]],
+        "ours": [(a - c) / steps for a, c in zip(t["ours_n"], t["ours_1"])],
+        "hf": [(a - c) / steps for a, c in zip(t["hf_n"], t["hf_1"])]}
+    per_step["gemms + attention"] = [a + c for a, c in zip(per_step["gemms"], per_step["attention"])]
+    gemms, attention = statistics.median(per_step["gemms"]), statistics.median(per_step["attention"])
+    hf_step = statistics.median(per_step["hf"])
 
-    print(f"bench-qwen3 fp32, B={b}, prompt {p} + {n} new tokens; ms per decode step (best of {args.repeats}), "
-          f"and the decode tokens/s it gives")
-    rows = [("gemms only (floor)", gemms), (f"attention only, {slots} slots", attention),
-            ("gemms + attention", gemms + attention), ("ours: generate's decode step", ours_step),
-            ("transformers: generate's decode step", hf_step)]
-    for name, seconds in rows:
-        print(f"  {name:40s} {seconds * 1e3:7.2f} ms  {b / seconds:9,.0f} tok/s  {hf_step / seconds:5.2f}x transformers")
+    print(f"{cpu_threading.describe(threading_added)}")
+    print(f"bench-qwen3 fp32, B={b}, prompt {p} + {n} new tokens; ms per decode step (median of {args.repeats} "
+          f"interleaved passes, spread min-max), and the decode tokens/s the median gives")
+    rows = [("gemms only (floor)", "gemms"), (f"attention only, {slots} slots", "attention"),
+            ("gemms + attention", "gemms + attention"), ("ours: generate's decode step", "ours"),
+            ("transformers: generate's decode step", "hf")]
+    for name, key in rows:
+        seconds = statistics.median(per_step[key])
+        spread = f"{min(per_step[key]) * 1e3:.2f}-{max(per_step[key]) * 1e3:.2f} ms"
+        print(f"  {name:40s} {seconds * 1e3:7.2f} ms ({spread:>17s})  {b / seconds:9,.0f} tok/s  "
+              f"{hf_step / seconds:5.2f}x transformers")
     print(f"  {args.target:g}x transformers needs a step of {hf_step / args.target * 1e3:.2f} ms; the gemms alone take "
           f"{gemms * 1e3:.2f} ms, leaving {(hf_step / args.target - gemms) * 1e3:.2f} ms for attention, norms, RoPE, "
           f"cache writes and sampling (attention alone: {attention * 1e3:.2f} ms).")

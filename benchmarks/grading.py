@@ -15,10 +15,10 @@ numbers):
 To keep grading under 5% of a training step of S seconds that grades B answers, the rate must be
 above B / (0.05 S).
 
-Each mix is graded ``--repeats`` times (fresh pairs each time) and the median rate is reported, since
-the benchmark machine may be shared. ``--module`` grades with other copies of the grading module
-(before/after comparisons), their batches interleaved so that both see the same load, e.g. against
-an earlier commit's::
+Each mix is graded ``--repeats`` times (fresh pairs each time) and the median rate is reported with
+its spread (slowest-fastest repeat), since the benchmark machine may be shared. ``--module`` grades
+with other copies of the grading module (before/after comparisons), their batches interleaved (the
+order rotating) so that all see the same load, e.g. against an earlier commit's::
 
     mkdir -p /tmp/old && git show COMMIT:bcr_jax/grading.py > /tmp/old/old_grading.py
     PYTHONPATH=/tmp/old python benchmarks/grading.py --num-workers 2 --module old_grading bcr_jax.grading
@@ -118,14 +118,16 @@ def main() -> None:
                 else:
                     seed = 2 + 2 * repeat
                     answers, golds, num_hostile = adversarial_mix(args.batch_size, seed, args.hostile_fraction)
-                for name, grader in graders.items():  # Interleaved: each module sees the same load.
-                    seconds, num_replaced = _measure(grader, answers, golds)
+                names = list(graders)  # Interleaved, the order rotating: each module sees the same load.
+                for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+                    seconds, num_replaced = _measure(graders[name], answers, golds)
                     rates[name].append(args.batch_size / seconds)
                     replaced[name] += num_replaced
             hostile = f" ({num_hostile} hostile)" if mix == "adversarial" else ""
             for name in graders:
                 print(
-                    f"{mix}{hostile} {name}: {statistics.median(rates[name]):.1f} answers/s median of "
+                    f"{mix}{hostile} {name}: {statistics.median(rates[name]):.1f} answers/s median, spread "
+                    f"{min(rates[name]):.1f}-{max(rates[name]):.1f} over "
                     f"[{', '.join(f'{r:.1f}' for r in rates[name])}], workers replaced: {replaced[name]}"
                 )
     finally:

@@ -22,8 +22,8 @@ Method
   timed end to end with `perf_counter` (prompts in, host token array out, so JAX's asynchronous dispatch is fully
   waited for). Engines never overlap: JAX work
   ends with a device-to-host copy before torch starts. Reported: the median tokens/s per engine (new tokens only,
-  B * N / seconds) and the median over passes of the per-pass ratio engine / transformers, which cancels most of
-  the drift of a noisy machine.
+  B * N / seconds), its spread (slowest-fastest pass), and the median over passes of the per-pass ratio engine /
+  transformers, which cancels most of the drift of a noisy machine.
 * FLOPs are counted analytically and include the prefill, since the timed call does too. Per row: every position
   that goes through the layers (the P prompt positions and the N - 1 fed-back new tokens) costs
   2 x (non-embedding matmul params); each of the N sampled tokens costs 2 x (lm_head params) (the prefill needs
@@ -33,8 +33,8 @@ Method
 * Peak: the best of several timings of a 2048 x 2048 float32 matmul, both as a jitted JAX function and as
   `torch.mm`, measured in the same run (before it and after every pass); the larger of the two is the machine's
   fp32 matmul peak for the "% peak" column.
-* Threads: torch uses as many intra-op threads as this process may use cores; XLA's CPU backend uses all of them
-  by default. libgomp's default spin-waiting is left alone, because it is torch's best setting on an idle machine
+* Threads: torch uses as many intra-op threads as this process may use cores; XLA's CPU backend uses all of them,
+  with the project's threading flags (`bcr_jax.cpu_threading`, printed first) unless XLA_FLAGS names them. libgomp's default spin-waiting is left alone, because it is torch's best setting on an idle machine
   (measured here, idle: bench-qwen3 B=32 3,400-3,800 tok/s with the default, 1,750-1,900 with
   OMP_WAIT_POLICY=PASSIVE — PASSIVE would halve the reference and inflate every ratio). On a *loaded* machine,
   spin-waiting makes torch's 2-thread `generate` 7-20x slower; set `OMP_WAIT_POLICY=PASSIVE` in the environment
@@ -62,14 +62,12 @@ from pathlib import Path
 import numpy as np
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-# One XLA host device per core, before jax loads: the "ours, 1 device/core" engine shards the batch over them.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={CORES}"
 
 import jax
 import jax.numpy as jnp
 import torch
 
+from bcr_jax import cpu_threading
 from bcr_jax.models import ModelConfig, get_preset, init_params, load_hf, read_hf_config, save_hf
 from bcr_jax.sampling import generate
 from bcr_jax.sharding import make_mesh
@@ -430,12 +428,13 @@ def report(workloads: Sequence[Workload], results: dict[tuple[str, str], Measure
          f"{machine_peak:.1f} GFLOP/s."),
         (f"Greedy, EOS disabled, float32, exactly N new tokens per row; ours with decode_blocks={DECODE_BLOCKS}; "
          f"{passes} interleaved pass(es); tok/s = new "
-         f"tokens / wall time of the whole call (prefill included), median over passes; "
+         f"tokens / wall time of the whole call (prefill included), median over passes, spread = slowest-fastest "
+         f"pass; "
          f"x {REFERENCE} = median of the per-pass ratios; GFLOP/s counts prefill + decode analytically; "
          f"rows = {REFERENCE}: fraction of rows with identical greedy tokens (mean leading tokens identical)."),
         "",
-        f"| case | P | N | engine | tok/s | x {REFERENCE} | GFLOP/s | % peak | rows = {REFERENCE} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| case | P | N | engine | tok/s | spread (min-max) | x {REFERENCE} | GFLOP/s | % peak | rows = {REFERENCE} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for w in workloads:
@@ -445,14 +444,15 @@ def report(workloads: Sequence[Workload], results: dict[tuple[str, str], Measure
             cell = results[c.label, name]
             if cell.skipped is not None or not cell.seconds:
                 notes.append(f"- {c.label}, {name}: not run: {cell.skipped or 'no timings'}")
-                lines.append(f"| {c.label} | {c.prompt_len} | {c.new_tokens} | {name} | — | — | — | — | — |")
+                lines.append(f"| {c.label} | {c.prompt_len} | {c.new_tokens} | {name} | — | — | — | — | — | — |")
                 continue
             seconds = statistics.median(cell.seconds)
             gflops = flops / seconds / 1e9
             ratio = "1" if name == REFERENCE else f"{statistics.median(cell.ratios):.2f}"
             agree = "—" if name == REFERENCE else f"{cell.agree:.2f} ({cell.prefix:.0f})"
-            lines.append(f"| {c.label} | {c.prompt_len} | {c.new_tokens} | {name} | "
-                         f"{c.batch * c.new_tokens / seconds:,.0f} | {ratio} | {gflops:.1f} | "
+            tokens = c.batch * c.new_tokens
+            lines.append(f"| {c.label} | {c.prompt_len} | {c.new_tokens} | {name} | {tokens / seconds:,.0f} | "
+                         f"{tokens / max(cell.seconds):,.0f}-{tokens / min(cell.seconds):,.0f} | {ratio} | {gflops:.1f} | "
                          f"{100 * gflops / machine_peak:.1f}% | {agree} |")
     return "\n".join(lines + ([""] + notes if notes else []))
 
@@ -479,6 +479,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not cases:
             parser.error(f"--cases {args.cases!r} matches none of: {'; '.join(c.label for c in CASES)}")
 
+    # Before JAX's backend starts: the project's XLA:CPU threading (bcr_jax.cpu_threading), and one XLA host device
+    # per core for the "ours, 1 device/core" engine, which shards the batch over them.
+    threading_added = cpu_threading.configure()
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={CORES}"
+    print(cpu_threading.describe(threading_added), flush=True)
     torch.set_num_threads(CORES)
     warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
     started = time.perf_counter()

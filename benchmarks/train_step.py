@@ -96,6 +96,11 @@ from pathlib import Path
 
 import numpy as np
 
+try:
+    from bcr_jax import cpu_threading
+except ImportError:  # a worker importing an --ours-tree from before it; the parent has configured XLA_FLAGS
+    cpu_threading = None
+
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 REFERENCE = "transformers"
 PRESET = "bench-qwen3"
@@ -459,8 +464,10 @@ class Worker:
         env = {**os.environ, **(env or {})}
         if pythonpath:  # another bcr_jax tree first on the path (wins over the editable install)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH", "")) if p)
-        if xla_flags:
-            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
+        if xla_flags:  # these flags replace any of the same name (e.g. the project's threading choice)
+            named = cpu_threading.flag_names(xla_flags)
+            kept = [f for f in env.get("XLA_FLAGS", "").split() if not cpu_threading.flag_names(f) & named]
+            env["XLA_FLAGS"] = " ".join([*kept, xla_flags])
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         self.log = scratch / f"worker_{len(list(scratch.glob('worker_*.log')))}.log"
         self._log_file = open(self.log, "w")
@@ -749,19 +756,23 @@ def run_table(args) -> None:
 
 # ------------------------------------------------------------------------------------------------ XLA sweep
 
-XLA_SETTINGS = (
-    ("default", ""),
-    ("one XLA device per core, rows split (ours, 1 device/core)", f"--xla_force_host_platform_device_count={CORES}"),
-    ("--xla_cpu_multi_thread_eigen=false", "--xla_cpu_multi_thread_eigen=false"),
-    ("--xla_cpu_use_xnnpack=false", "--xla_cpu_use_xnnpack=false"),
-    ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
-     "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"),
-    ("--xla_cpu_use_onednn=true", "--xla_cpu_use_onednn=true"),
-    ("--xla_cpu_enable_fast_math=true", "--xla_cpu_enable_fast_math=true"),
-    ("--xla_cpu_prefer_vector_width=512", "--xla_cpu_prefer_vector_width=512"),
-    ("--xla_cpu_use_thunk_runtime=false (deprecated)", "--xla_cpu_use_thunk_runtime=false"),
-    ("one core (sched_setaffinity {0})", "@affinity=0"),
-)
+def xla_settings() -> tuple[tuple[str, str], ...]:
+    """(label, XLA_FLAGS) rows of --xla-sweep; each row runs with the project's threading flags unless it sets them."""
+    return (
+        ("default", cpu_threading.default_flags()),
+        ("chosen (bcr_jax.cpu_threading)", cpu_threading.chosen_flags()),
+        ("one XLA device per core, rows split (ours, 1 device/core)", f"--xla_force_host_platform_device_count={CORES}"),
+        ("--xla_cpu_use_xnnpack=false", "--xla_cpu_use_xnnpack=false"),
+        ("--xla_cpu_enable_concurrency_optimized_scheduler=false",
+         "--xla_cpu_enable_concurrency_optimized_scheduler=false"),
+        ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
+         "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"),
+        ("--xla_cpu_use_onednn=true", "--xla_cpu_use_onednn=true"),
+        ("--xla_cpu_enable_fast_math=true", "--xla_cpu_enable_fast_math=true"),
+        ("--xla_cpu_prefer_vector_width=512", "--xla_cpu_prefer_vector_width=512"),
+        ("--xla_cpu_use_thunk_runtime=false (deprecated)", "--xla_cpu_use_thunk_runtime=false"),
+        ("one core (sched_setaffinity {0})", "@affinity=0"),
+    )
 
 
 def run_xla_sweep(args) -> None:
@@ -773,7 +784,7 @@ def run_xla_sweep(args) -> None:
         scratch = Path(scratch_name)
         make_workload(scratch, args.batch, args.seq, args.micro_rows or args.batch)
         specs = [{"label": REFERENCE, "engine": REFERENCE}]
-        for label, flags in XLA_SETTINGS:
+        for label, flags in xla_settings():
             engine = "ours, 1 device/core" if "device_count" in flags else "ours"
             if flags.startswith("@affinity="):
                 specs.append({"label": label, "engine": engine, "affinity": flags.removeprefix("@affinity=")})
@@ -1195,6 +1206,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scratch", default="", help=argparse.SUPPRESS)
     parser.add_argument("--affinity", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # Before JAX's backend starts, in the parent and in every worker (which inherit it): the project's XLA:CPU
+    # threading, unless XLA_FLAGS names the flags.
+    threading_added = cpu_threading.configure() if cpu_threading else ()
     if args.worker:
         return worker_main(args.worker, Path(args.scratch), args.affinity, args.repeats)
     if args.passes < 1 or args.batch < 1 or args.seq < 2:
@@ -1209,6 +1223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return run_trainer_profile(args)
     if args.parts:
         return run_parts(args)
+    print(cpu_threading.describe(threading_added), flush=True)
     if args.xla_sweep:
         return run_xla_sweep(args)
     return run_table(args)

@@ -12,6 +12,10 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The XLA:CPU threading `python -m bcr_jax.main` runs with, so the suite (and the processes it starts) runs the same.
+from bcr_jax import cpu_threading  # noqa: E402  (stdlib only: jax is not imported yet)
+
+cpu_threading.configure()
 
 import json  # noqa: E402
 from collections.abc import Sequence  # noqa: E402

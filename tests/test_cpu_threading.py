@@ -134,7 +134,7 @@ def test_xla_accepts_the_flags_and_computes_the_same(flags):
 
 @pytest.mark.parametrize("users, expected", [
     (None, f"added {cpu_threading.chosen_flags()}"),
-    (cpu_threading.default_flags(), f"left as it is ({cpu_threading.default_flags()})"),
+    (cpu_threading.default_flags(), f"XLA_FLAGS left as it is ({cpu_threading.default_flags()})"),
 ])
 def test_main_configures_before_the_backend_and_the_users_flags_win(tmp_path, users, expected):
     env = _clean_env(**({"XLA_FLAGS": users} if users else {}))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from config_files import ROOT
 
-from bcr_jax import bcr
+from bcr_jax import bcr, cpu_threading
 from bcr_jax.toy import world
 
 
@@ -76,9 +76,12 @@ def test_the_notebook_runs_the_quick_replication(monkeypatch):
     workdir = ROOT / "runs" / "toy_notebook_quick"
     shutil.rmtree(workdir, ignore_errors=True)  # the pipeline reuses finished runs; this test must not
     # The kernel inherits this process's environment: run it on one CPU device, as a user's machine would, not on
-    # the 8 simulated devices of the sharding tests (slower on 2 cores, same results).
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", "").strip())
+    # the 8 simulated devices of the sharding tests (slower on 2 cores, same results), and without the threading
+    # flags conftest set, which the notebook must set itself.
+    kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+            if flag != "--xla_force_host_platform_device_count=8"
+            and flag.removeprefix("--").split("=")[0] not in dict(cpu_threading.CHOSEN)]
+    monkeypatch.setenv("XLA_FLAGS", " ".join(kept))
     notebook = nbformat.read(ROOT / "notebooks" / "small_scale_replication.ipynb", as_version=4)
     assert "QUICK = True" in notebook.cells[1].source
     NotebookClient(notebook, timeout=900, kernel_name="python3",
@@ -96,3 +99,4 @@ def test_the_notebook_runs_the_quick_replication(monkeypatch):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the plots are shown
     assert any("N=1: bcr" in o.get("text", "") for o in outputs)
+    assert any(f"XLA:CPU threading: added {cpu_threading.chosen_flags()}" in o.get("text", "") for o in outputs)
