@@ -1,18 +1,18 @@
 """XLA:CPU threading for this project's entry points, chosen from measurements instead of left to chance.
 
 XLA:CPU runs an executable's ops on a thread pool as wide as the machine, in two ways: independent ops run at the
-same time (the thunk executor, fed by a schedule that XLA orders for concurrency by default), and an Eigen op may
-itself be split over the pool. `CHOSEN` turns both down: the schedule minimises live memory instead
-(`--xla_cpu_enable_concurrency_optimized_scheduler=false`) and each Eigen op runs on one thread
-(`--xla_cpu_multi_thread_eigen=false`). `benchmarks/xla_threading.py` measured it against XLA's defaults on this
-project's sampler and update step (figures and the commands behind them: benchmarks/RESULTS.md, "## CPU threading").
+same time (its thunk executor), and an Eigen op may itself be split over the pool. `CHOSEN` keeps the first and
+turns off the second (`--xla_cpu_multi_thread_eigen=false`): each Eigen op runs on one thread. It changes how a
+compiled program runs, not what is compiled (the optimised HLO is the same), so memory plans (`mode=plan` compiles
+on XLA:CPU) do not depend on it. `benchmarks/xla_threading.py` measured it against XLA's defaults on this
+project's sampler and update step, and measured the alternatives (figures and the commands behind them:
+benchmarks/RESULTS.md, "## CPU threading").
 
 Only entry points call `configure()` (`python -m bcr_jax.main`, the benchmarks, the notebook), before JAX
 initialises its backend, which is when XLA reads `XLA_FLAGS`; importing `bcr_jax` changes nothing global. A flag the
-user already names in `XLA_FLAGS` is left as the user set it, so XLA's defaults come back with
-`XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=true --xla_cpu_multi_thread_eigen=true"`
-(`default_flags()`). Nothing is set where JAX will pick an accelerator (a TPU / GPU plugin is installed and
-`JAX_PLATFORMS` does not ask for the CPU): these flags only tune the CPU backend.
+user already names in `XLA_FLAGS` is left as the user set it, so `XLA_FLAGS=--xla_cpu_multi_thread_eigen=true`
+(`default_flags()`) brings XLA's default back. Nothing is set where JAX will pick an accelerator (a TPU / GPU plugin
+is installed and `JAX_PLATFORMS` does not ask for the CPU): the flag only tunes the CPU backend.
 """
 
 from __future__ import annotations
@@ -25,13 +25,9 @@ import warnings
 from collections.abc import MutableMapping
 
 # (flag, value) pairs set when the user has not named the flag; the measurements behind them are in the docstring.
-CHOSEN: tuple[tuple[str, str], ...] = (
-    ("xla_cpu_enable_concurrency_optimized_scheduler", "false"),
-    ("xla_cpu_multi_thread_eigen", "false"),
-)
+CHOSEN: tuple[tuple[str, str], ...] = (("xla_cpu_multi_thread_eigen", "false"),)
 # XLA's own values of the same flags (jaxlib 0.10), for the documentation and for benchmarks against the default.
-XLA_DEFAULTS: dict[str, str] = {"xla_cpu_enable_concurrency_optimized_scheduler": "true",
-                                "xla_cpu_multi_thread_eigen": "true"}
+XLA_DEFAULTS: dict[str, str] = {"xla_cpu_multi_thread_eigen": "true"}
 
 # Python modules whose presence makes JAX choose an accelerator backend by default.
 _ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
