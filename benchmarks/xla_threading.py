@@ -59,6 +59,9 @@ def _load(name: str):
     return module
 
 
+_TRAIN_STEP = _load("train_step")  # its workload, engines, worker handle, idle wait and report helpers
+
+
 # ------------------------------------------------------------------------------------------------ one run
 
 
@@ -67,8 +70,10 @@ def worker_main(workload: str, engine: str, scratch: Path) -> None:
     def emit(**message):
         print(MESSAGE + json.dumps(message), flush=True)
 
-    if workload == "prepare":
-        _load("train_step").make_workload(scratch, STEP_BATCH, STEP_SEQ, STEP_BATCH)
+    if workload == "prepare":  # what every run loads, written once: the step's batch and weights, the sampler's model
+        _TRAIN_STEP.make_workload(scratch, STEP_BATCH, STEP_SEQ, STEP_BATCH)
+        sampling = _load("sampling")
+        sampling.make_workload(sampling.CASES[0], scratch)
         return
     added = ()
     if engine == "ours-configured":  # `chosen`: XLA_FLAGS unset, configured as `python -m bcr_jax.main` does
@@ -79,7 +84,7 @@ def worker_main(workload: str, engine: str, scratch: Path) -> None:
     if engine != "ours":
         import torch
 
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.set_num_threads(_TRAIN_STEP.CORES)
     if workload == "sampler":
         sampling = _load("sampling")
         case = sampling.CASES[0]
@@ -87,9 +92,8 @@ def worker_main(workload: str, engine: str, scratch: Path) -> None:
         runner = sampling.ours(w) if engine == "ours" else sampling.hf_transformers(w)
         tokens = case.batch * case.new_tokens
     else:
-        train_step = _load("train_step")
-        w = train_step.load_workload(scratch)
-        runner = train_step.ENGINES["ours" if engine == "ours" else train_step.REFERENCE](w)
+        w = _TRAIN_STEP.load_workload(scratch)
+        runner = _TRAIN_STEP.ENGINES["ours" if engine == "ours" else _TRAIN_STEP.REFERENCE](w)
         tokens = w.batch * w.seq
     runner()  # compiles
     runner()  # a step fed its own donated outputs may compile again
@@ -102,8 +106,9 @@ def worker_main(workload: str, engine: str, scratch: Path) -> None:
         emit(seconds=time.perf_counter() - start)
 
 
-class Worker:
-    """The parent's handle on one setting's process; `flags` None leaves XLA_FLAGS unset (the `chosen` path)."""
+class Worker(_TRAIN_STEP.Worker):
+    """The parent's handle on one setting's process (train_step.py's, started on this script's worker);
+    `flags` None leaves XLA_FLAGS unset (the `chosen` path)."""
 
     def __init__(self, workload: str, setting: str, flags: str | None, scratch: Path):
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -112,35 +117,14 @@ class Worker:
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         env.setdefault("JAX_PLATFORMS", "cpu")
         engine = {"transformers": "transformers", "chosen": "ours-configured"}.get(setting, "ours")
-        self.label = f"{workload} / {setting}"
-        self.log = open(scratch / f"{workload}_{setting}.log".replace(" ", "_"), "w")
+        self.label, self.engine = f"{workload} / {setting}", engine
+        self.log = scratch / f"{workload}_{setting}.log".replace(" ", "_")
+        self._log_file = open(self.log, "w")
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--run", workload, "--engine", engine, "--scratch",
-             str(scratch)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-
-    def read(self) -> dict:
-        for line in self.process.stdout:
-            if line.startswith(MESSAGE):
-                return json.loads(line[len(MESSAGE):])
-        self.log.flush()
-        tail = " | ".join(Path(self.log.name).read_text().strip().splitlines()[-3:])[-400:]
-        raise RuntimeError(f"{self.label}: the process exited ({self.process.wait()}): {tail}")
-
-    def step(self) -> float:
-        self.process.stdin.write("step\n")
-        self.process.stdin.flush()
-        return self.read()["seconds"]
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            try:
-                self.process.stdin.write("quit\n")
-                self.process.stdin.flush()
-                self.process.wait(timeout=60)
-            except (BrokenPipeError, subprocess.TimeoutExpired):
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+             str(scratch)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log_file, text=True, env=env)
+        self.ready: dict | None = None
+        self.error: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------ the runs
@@ -218,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown := [w for w in workloads if w not in WORKLOADS]:
         parser.error(f"--workloads: unknown {unknown}; choose from {WORKLOADS}")
     settings = parse_settings(args.settings, args.flags)
-    train_step = _load("train_step")
+    train_step = _TRAIN_STEP
     train_step.WAIT_IDLE.update(threshold=args.wait_idle / 100, max_wait_s=args.max_wait)
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
     try:
@@ -239,16 +223,17 @@ def measure(args, workloads: Sequence[str], settings: Sequence[tuple[str, str | 
     names = [name for name, _ in settings]
     with tempfile.TemporaryDirectory(prefix="bcr_xla_threading_") as scratch_name:
         scratch = Path(scratch_name)
-        if "train_step" in workloads:  # the batch and weights every step run loads, made in a process of its own
-            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run", "prepare", "--scratch",
-                            str(scratch)], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run", "prepare", "--scratch", str(scratch)],
+                       check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
         for r in range(args.runs):
             for workload in workloads:
                 workers = [Worker(workload, name, flags, scratch) for name, flags in settings]  # build concurrently
                 try:
                     for worker, name in zip(workers, names):
-                        ready = worker.read()
-                        tokens[workload], flags_seen[name] = ready["tokens"], ready["xla_flags"]
+                        worker.wait_ready()
+                        if worker.error:
+                            raise RuntimeError(f"{worker.label}: {worker.error}")
+                        tokens[workload], flags_seen[name] = worker.ready["tokens"], worker.ready["xla_flags"]
                     times = {name: [] for name in names}
                     for p in range(args.passes):
                         waited = train_step.wait_for_idle()
