@@ -25,6 +25,7 @@ Options:
   --gpus N             GPUs on the host (default: nvidia-smi -L); with --processes, K must divide N
   --port PORT          coordinator port for --processes > 1 (default 8476)
   --log-dir DIR        where processes 1..K-1 log (default logs/, in the checkout)
+  --stop-grace S       when stopping the processes, seconds between SIGTERM and SIGKILL (default 10)
   --dry-run            print the commands instead of running them
   -h, --help           this text
 Everything after -- is passed to `python -m bcr_jax.main` (it must include --config).
@@ -49,7 +50,7 @@ quote() {
 show() { local line; line=$(quote "$@"); echo "${line% }"; }
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-install=0 setup_only=0 venv="" processes=1 gpus="" port=8476 log_dir="$repo/logs" dry_run=0
+install=0 setup_only=0 venv="" processes=1 gpus="" port=8476 log_dir="$repo/logs" dry_run=0 stop_grace_s=10
 while [[ $# -gt 0 ]]; do
   case $1 in
     --install) install=1; shift ;;
@@ -59,6 +60,7 @@ while [[ $# -gt 0 ]]; do
     --gpus) gpus=${2:?--gpus needs a value}; shift 2 ;;
     --port) port=${2:?--port needs a value}; shift 2 ;;
     --log-dir) log_dir=${2:?--log-dir needs a value}; shift 2 ;;
+    --stop-grace) stop_grace_s=${2:?--stop-grace needs a value}; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
@@ -75,6 +77,7 @@ else
   [[ $has_config == 1 ]] || die "the job after -- needs --config configs/<name>.py"
 fi
 [[ $processes =~ ^[1-9][0-9]*$ ]] || die "--processes: expected a positive integer, got $processes"
+[[ $stop_grace_s =~ ^[0-9]+$ ]] || die "--stop-grace: expected whole seconds, got $stop_grace_s"
 
 if [[ $install == 1 && -z $venv ]]; then venv="$repo/.venv"; fi
 python=python3
@@ -113,9 +116,25 @@ fi
 per_process=$(( gpus / processes ))
 
 pids=()
-stop_all() {  # on exit, failure or Ctrl-C: no process is left behind, nor its grading workers (its process group)
+# On exit, failure or Ctrl-C: no process is left behind, nor its grading workers (its process group). The script
+# returns only once every group is gone: SIGTERM first, SIGKILL for what is still there after a grace period
+# (--stop-grace: a signal is only a request, and a process may be finishing a checkpoint write).
+stop_all() {
+  local p tick
+  (( ${#pids[@]} > 0 )) || return 0
+  for p in "${pids[@]}"; do kill -TERM -- -"$p" 2>/dev/null || true; done
+  for (( tick = 0; tick < stop_grace_s * 10; tick++ )); do
+    groups_alive || return 0
+    sleep 0.1
+  done
+  for p in "${pids[@]}"; do kill -KILL -- -"$p" 2>/dev/null || true; done
+  for (( tick = 0; tick < 50; tick++ )); do groups_alive || return 0; sleep 0.1; done
+  echo "gpu_host.sh: processes still present after SIGKILL in groups ${pids[*]}" >&2
+}
+groups_alive() {  # any process left in any of our groups (bash reaps its own children, so zombies do not linger)
   local p
-  for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do kill -0 -- -"$p" 2>/dev/null && return 0; done
+  return 1
 }
 trap stop_all EXIT
 trap 'exit 130' INT TERM

@@ -9,6 +9,7 @@ import pathlib
 import shlex
 import shutil
 import subprocess
+import time
 
 import pytest
 from config_files import ROOT
@@ -152,6 +153,29 @@ def test_gpu_processes_run_and_one_failure_stops_the_rest(tmp_path, failing):
     pids = (tmp_path / "pids").read_text().split()
     assert len(pids) == 3
     assert [pid for pid in pids if _alive(pid)] == []
+
+
+def test_gpu_processes_that_ignore_sigterm_are_killed_after_the_grace_period(tmp_path):
+    """Processes 0 and 2 ignore SIGTERM (as a job stuck in a collective may): the script still leaves none behind."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(
+        "#!/usr/bin/env bash\n"
+        "trap '' TERM\n"
+        f'echo "$$" >> {tmp_path}/pids\n'
+        'case " $* " in *process_id=1" "*) sleep 1; exit 4;; esac\n'
+        "for i in $(seq 600); do sleep 0.1; done\n")
+    (venv / "bin" / "python").chmod(0o755)
+    started = time.monotonic()
+    result = _run(ROOT / "launch" / "gpu_host.sh", "--venv", str(venv), "--processes", "3", "--gpus", "3",
+                  "--stop-grace", "1", "--log-dir", str(tmp_path / "logs"), "--", "--config", "configs/tiny.py",
+                  timeout=30)
+    assert result.returncode == 4, result.stderr
+    assert time.monotonic() - started < 20  # killed after the 1 s grace, not after the 60 s loop
+    pids = (tmp_path / "pids").read_text().split()
+    assert len(pids) == 3
+    assert [pid for pid in pids if _alive(pid)] == []
+    assert _run(ROOT / "launch" / "gpu_host.sh", "--stop-grace", "soon", "--", *JOB).returncode == 2
 
 
 def _alive(pid: str) -> bool:
