@@ -463,7 +463,8 @@ class Trainer:
             self.rollout_cfg = self.cfg.replace(dtype=rollout_dtype, **memory)
         except ValueError as e:  # e.g. an unknown attention implementation, named by its ModelConfig field
             raise ConfigError(f"config.train: {e}") from None
-        self.optimizer = make_optimizer(config, config.total_steps * updates_per_step(config))
+        total_updates = config.total_steps * updates_per_step(config)
+        self.optimizer = make_optimizer(config, total_updates)
         self.loss_config = rl.LossConfig(
             policy_loss=config.loss.policy_loss, clip_low=config.loss.clip_low, clip_high=config.loss.clip_high,
             aggregation=config.loss.aggregation, budget=config.rollout.budget, kl_weight=config.loss.kl_weight,
@@ -474,7 +475,6 @@ class Trainer:
             length_penalty=config.reward.length_penalty)
         self.temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
         self.shardings = state_shardings(self.optimizer, models.param_shapes(self.cfg), self.mesh)
-        total_updates = config.total_steps * updates_per_step(config)
         self.update_step = jit_update_step(
             make_update_step(self.compute_cfg, self.optimizer, self.loss_config, temperature=self.temperature,
                              learning_rate=learning_rate_schedule(config, total_updates)),

@@ -202,18 +202,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown := [w for w in workloads if w not in WORKLOADS]:
         parser.error(f"--workloads: unknown {unknown}; choose from {WORKLOADS}")
     settings = parse_settings(args.settings, args.flags)
-    train_step = _TRAIN_STEP
-    train_step.WAIT_IDLE.update(threshold=args.wait_idle / 100, max_wait_s=args.max_wait)
+    _TRAIN_STEP.WAIT_IDLE.update(threshold=args.wait_idle / 100, max_wait_s=args.max_wait)
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
     try:
-        measure(args, workloads, settings, train_step)
+        measure(args, workloads, settings)
     finally:
         for process in busy:
             process.kill()
             process.wait()
 
 
-def measure(args, workloads: Sequence[str], settings: Sequence[tuple[str, str | None]], train_step) -> None:
+def measure(args, workloads: Sequence[str], settings: Sequence[tuple[str, str | None]]) -> None:
+    train_step = _TRAIN_STEP
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     print(f"Machine: {train_step.versions()}; 1-min load average {load_before:.1f}", flush=True)
     results: dict[str, dict[str, list[list[float]]]] = {w: {} for w in workloads}  # seconds per pass, per run
