@@ -148,6 +148,7 @@ class EvalSettings:
     template_name: str
     thinking: str
     require_think_close: bool
+    count_phrases: tuple[str, ...] = ()
 
     @property
     def template(self) -> bcr.PromptTemplate:
@@ -189,8 +190,12 @@ def settings_from_config(config, *, n_values: Sequence[int] | None = None) -> Ev
         raise ConfigError(f"config.data.template: {config.data.template!r}; choose from {', '.join(bcr.TEMPLATES)}")
     if config.rollout.thinking not in ("auto", "force", "off"):
         raise ConfigError(f"config.rollout.thinking: {config.rollout.thinking!r}; choose auto, force or off")
+    phrases = ev.get("count_phrases", ())
+    if isinstance(phrases, str) or not all(isinstance(x, str) and x.strip() for x in phrases):
+        raise ConfigError(f"config.eval.count_phrases: expected a tuple of non-empty strings, got {phrases!r}")
     return EvalSettings(
-        n_values=tuple(n_values), orderings=_positive_int(ev.orderings, "eval.orderings"),
+        count_phrases=tuple(phrases), n_values=tuple(n_values),
+        orderings=_positive_int(ev.orderings, "eval.orderings"),
         samples=_positive_int(ev.samples, "eval.samples"), temperature=float(ev.temperature), top_p=float(ev.top_p),
         top_k=int(config.rollout.top_k), budget_rule=ev.budget_rule, budget=budget,
         budget_per_problem=budget_per_problem, batch_prompts=_positive_int(ev.batch_prompts, "eval.batch_prompts"),
@@ -516,6 +521,13 @@ def cell_metrics(records: Sequence[Mapping], n: int) -> dict:
     }
 
 
+def phrase_counts(records: Sequence[Mapping], n: int, phrases: Sequence[str]) -> dict[str, float]:
+    """Occurrences per problem of each phrase (case-insensitive, overlapping matches not counted) in the raw
+    responses: the metacognitive-loop column ("wait", "let me double-check", ... or the toy's "check ")."""
+    responses = [r["response"].lower() for r in records]
+    return {phrase: sum(text.count(phrase.lower()) for text in responses) / (len(records) * n) for phrase in phrases}
+
+
 # --------------------------------------------------------------------------------------------------- cell files
 
 def _atomic_write(path: pathlib.Path, text: str) -> None:
@@ -661,7 +673,7 @@ def _follow_process_0(cells: list[_Cell]) -> bool:
     return distributed.is_main()
 
 
-def _row(cell: _Cell, metrics: Mapping, settings: EvalSettings) -> dict:
+def _row(cell: _Cell, metrics: Mapping, settings: EvalSettings, phrases: Mapping[str, float]) -> dict:
     return {
         "checkpoint": cell.checkpoint.label, "benchmark": cell.benchmark.name, "n": cell.n,
         "accuracy": metrics["accuracy"], "tokens_per_problem": metrics["tokens_per_problem"],
@@ -670,7 +682,7 @@ def _row(cell: _Cell, metrics: Mapping, settings: EvalSettings) -> dict:
         "budget": settings.budget_for(cell.n), "num_problems": len(cell.benchmark.problems),
         "num_prompts": len(cell.prompts), "num_responses": metrics["num_responses"], "samples": settings.samples,
         "orderings": settings.orderings, "temperature": settings.temperature, "top_p": settings.top_p,
-        "reasons": metrics["reasons"], "cell": cell.hash,
+        "reasons": metrics["reasons"], "phrase_counts": dict(phrases), "cell": cell.hash,
     }
 
 
@@ -703,7 +715,8 @@ def run_eval(config, policies: Mapping[str, GenerateFn] | None = None, *, grade_
       write: Write `scaling_law.*` into `config.workdir` (cells are cached either way).
     """
     if config.eval.rescore:  # host-only work: process 0 alone, with several processes
-        return rescore(config.workdir, grade_fn=grade_fn or _config_grader(config)) if _is_process_0() else []
+        return (rescore(config.workdir, grade_fn=grade_fn or _config_grader(config),
+                        count_phrases=settings_from_config(config).count_phrases or None) if _is_process_0() else [])
     settings = settings_from_config(config)
     if policies is None:  # checked before the benchmarks, which may take long to download
         specs = resolve_checkpoints(config)
@@ -722,6 +735,7 @@ def run_eval(config, policies: Mapping[str, GenerateFn] | None = None, *, grade_
     todo = [c for c in cells if c.cached is None]
     progress = _Progress(sum(len(c.prompts) for c in todo), "eval", enabled=writer)
     metrics_by_hash = {c.hash: c.cached["metrics"] for c in cells if c.cached is not None}
+    phrases_by_hash = {}
     try:
         for spec in specs:
             mine = [c for c in todo if c.checkpoint is spec]
@@ -739,23 +753,29 @@ def run_eval(config, policies: Mapping[str, GenerateFn] | None = None, *, grade_
                 if writer:
                     _write_cell(cells_dir, cell.hash, cell.key, records, metrics)
                     metrics_by_hash[cell.hash] = metrics
+                    phrases_by_hash[cell.hash] = phrase_counts(records, cell.n, settings.count_phrases)
             del policy  # frees this checkpoint's weights before the next one loads
     finally:
         progress.close()
 
     if not writer:
         return []
-    rows = add_deltas([_row(c, metrics_by_hash[c.hash], settings) for c in cells])
+    for cell in cells:  # cached cells: counted from their kept responses (phrases are not part of a cell's key)
+        if cell.hash not in phrases_by_hash:
+            records = _read_records(cells_dir, cell.cached) if settings.count_phrases else [{"response": ""}]
+            phrases_by_hash[cell.hash] = phrase_counts(records, cell.n, settings.count_phrases)
+    rows = add_deltas([_row(c, metrics_by_hash[c.hash], settings, phrases_by_hash[c.hash]) for c in cells])
     if write:
         write_outputs(rows, workdir)
     return rows
 
 
 def rescore(workdir: str | os.PathLike, *, grade_fn: GradeFn | None = None,
-            require_think_close: bool | None = None) -> list[dict]:
+            require_think_close: bool | None = None, count_phrases: Sequence[str] | None = None) -> list[dict]:
     """Re-parses and re-grades the raw responses of every cell in `workdir/scaling_law.json` (no sampling), updates
     the cell files and rewrites the outputs. `require_think_close` overrides the parser setting the cells were
-    sampled with (the cell keys keep the original, so a later run still finds them)."""
+    sampled with (the cell keys keep the original, so a later run still finds them). `count_phrases` recounts these
+    phrases (default: the ones the table already counts)."""
     workdir = pathlib.Path(workdir).expanduser()
     table = workdir / f"{OUTPUT_STEM}.json"
     if not table.is_file():
@@ -775,6 +795,8 @@ def rescore(workdir: str | os.PathLike, *, grade_fn: GradeFn | None = None,
         _write_cell(cells_dir, row["cell"], cell["key"], records, metrics)
         row.update({k: metrics[k] for k in ("accuracy", "tokens_per_problem", "truncation_rate", "answered_rate",
                                             "accuracy_by_position", "num_responses", "reasons")})
+        phrases = row.get("phrase_counts", {}) if count_phrases is None else count_phrases
+        row["phrase_counts"] = phrase_counts(records, n, tuple(phrases))
     rows = add_deltas(rows)
     write_outputs(rows, workdir)
     return rows
@@ -810,12 +832,14 @@ def _csv_text(rows: Sequence[Mapping]) -> str:
 
     max_n = max(r["n"] for r in rows)
     positions = [f"accuracy_pos_{k}" for k in range(1, max_n + 1)]
+    phrases = _ordered(p for r in rows for p in r.get("phrase_counts", {}))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*_CSV_SCALARS, *positions, *_CSV_TAIL])
+    writer.writerow([*_CSV_SCALARS, *positions, *(f"per_problem:{p}" for p in phrases), *_CSV_TAIL])
     for r in rows:
         by_position = list(r["accuracy_by_position"]) + [None] * (max_n - len(r["accuracy_by_position"]))
-        writer.writerow(["" if v is None else v for v in (*(r[k] for k in _CSV_SCALARS), *by_position,
+        counts = [r.get("phrase_counts", {}).get(p) for p in phrases]
+        writer.writerow(["" if v is None else v for v in (*(r[k] for k in _CSV_SCALARS), *by_position, *counts,
                                                             *(r[k] for k in _CSV_TAIL))])
     return buffer.getvalue()
 
@@ -865,6 +889,15 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
                     delta_points = None if r["delta_accuracy"] is None else 100 * r["delta_accuracy"]
                     cells += [_signed(delta_points), _signed(r["delta_tokens_pct"], "%")]
             lines.append("| " + " | ".join(cells) + " |")
+    phrases = _ordered(p for r in rows for p in r.get("phrase_counts", {}))
+    if phrases:
+        lines += ["", "## Phrases per problem", "", "Occurrences per problem in the responses (case-insensitive).", "",
+                  "| checkpoint | benchmark | N | " + " | ".join(f"`{p.strip()}`" for p in phrases) + " |",
+                  "|---|---|---:|" + "---:|" * len(phrases)]
+        for r in rows:
+            counts = [r.get("phrase_counts", {}).get(p) for p in phrases]
+            lines.append(f"| {r['checkpoint']} | {r['benchmark']} | {r['n']} | "
+                         + " | ".join("–" if c is None else f"{c:.2f}" for c in counts) + " |")
     return "\n".join(lines) + "\n"
 
 

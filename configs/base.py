@@ -152,6 +152,7 @@ def get_config() -> config_dict.ConfigDict:
     config.eval.budget_per_problem = 1024  # response tokens per problem (per_problem rule)
     config.eval.batch_prompts = 64  # prompts per sampler call (each with eval.samples responses)
     config.eval.seed = 0  # orderings, sampling and synthetic benchmarks
+    config.eval.count_phrases = ()  # phrases counted per problem in every cell's responses (metacognitive loops)
     config.eval.rescore = False  # re-grade the cached raw responses of workdir/scaling_law.json, no sampling
 
     # ---- solving unlabelled problems (mode=solve); sampling knobs and budget rule from config.eval

@@ -37,6 +37,7 @@ def get_config():
     config.eval.labels = ()
     config.eval.benchmarks = ("math-500", "aime-2025", "amc-2023", "minerva-math", "olympiadbench")
     config.eval.n_values = (1, 2, 3, 4, 5, 8)
+    config.eval.count_phrases = ("wait", "let me double-check", "hmm", "alternatively")  # reflection loops
     config.eval.orderings = 2  # every problem at two positions (file order, one shuffle)
     config.eval.samples = 4  # x 2 orderings: 8 graded answers per problem and N
     config.eval.temperature = 0.6  # the DeepSeek-R1 / Qwen3-Thinking recommended evaluation sampling

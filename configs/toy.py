@@ -21,15 +21,15 @@ def get_config():
     config.seed = 0
     config.mesh.data = -1  # every device on the data axis (one on a plain CPU; the model is too small to shard)
 
-    config.model.preset = "mini-llama"  # only used when the warm start is rebuilt
+    config.model.preset = "toy-llama"  # only used when the warm start is rebuilt
     config.model.dtype = "float32"
 
-    # RL recipe shared by the three runs (the trainer's config fields; the pipeline sets N, budget and reward).
+    # RL recipe shared by every run (the trainer's config fields; the pipeline sets N and the reward).
     config.rollout.temperature = 1.0
     config.rollout.decode_blocks = 1
     config.loss.clip_low, config.loss.clip_high = 0.2, 0.28
     config.loss.aggregation = "token-mean"
-    config.optim.learning_rate = 1e-4
+    config.optim.learning_rate = 2e-4
     config.optim.warmup_steps = 5
     config.optim.weight_decay = 0.0
     config.optim.grad_clip = 1.0
@@ -37,37 +37,54 @@ def get_config():
     config.grading.num_workers = 1  # single-digit answers: the parent's integer fast path decides almost all
 
     # The warm start's SFT (used by rebuild_warm_start=True, or if the shipped one is missing).
-    config.sft.learning_rate = 3e-3
-    config.sft.warmup_steps = 50
-    config.sft.decay_fraction = 0.2
-    config.sft.tokens_per_batch = 4096
+    config.sft.learning_rate = 2.5e-3
+    config.sft.warmup_steps = 100
+    config.sft.decay_fraction = 0.25
+    config.sft.tokens_per_batch = 8192
     config.sft.weight_decay = 0.1
-    config.sft.log_every = 50
+    config.sft.log_every = 100
 
     toy = config.toy = config_dict.ConfigDict()
-    toy.runs = ("grpo", "bcr", "length_penalty")  # add "bcr_segment" for per-problem segment credit
+    # The world (bcr_jax/toy/world.py): per rewrite line a first check with this probability, each repeat with the
+    # second; above / below 1/2 so that greedy decoding writes one check per line and never loops.
+    toy.first_check_prob = 0.8
+    toy.repeat_check_prob = 0.3
+    toy.runs = ("grpo", "bcr", "length_penalty", "length_penalty_high")  # + "bcr_segment": per-problem credit
     toy.train_problems = 20000
     toy.train_seed = 0
-    toy.eval_problems = 96  # held out: generated from eval_seed, never used for tuning
-    toy.eval_seed = 1000
+    toy.eval_problems = 192  # held out: generated from eval_seed, never used for tuning
+    toy.eval_seed = 1000  # another seed reuses the finished runs and only evaluates (in <workdir>/eval_seed<seed>)
+    toy.dev_seed = 2000  # problems the warm start is checked on (stop_after=warm_start), never the held-out ones
+    toy.dev_problems = 400
+    toy.dev_budget = 640  # the warm-start check's budget: above every verbose N=8 trace, so it measures reading
+    toy.stop_after = ""  # "warm_start": build / measure the warm start, then stop
     toy.rl_steps = 60  # the same rollout budget for every run: steps x prompts x samples
-    toy.prompts_per_step = 16
+    toy.prompts_per_step = 8
     toy.samples_per_prompt = 8
-    toy.grpo_budget = 128  # fits the verbose N=1 traces (99th percentile: 95 tokens)
-    toy.bcr_budget = 100  # shared by 3 problems: ~25th percentile of verbose N=3 traces, above every concise one (<= 90)
-    toy.length_penalty = 1.0  # the paper's explicit baseline: reward - |y| / budget
+    # One response budget for every run: fits every verbose N=1 trace (99th percentile 97 tokens); shared by BCR's
+    # three problems it is above every concise N=3 trace (at most 109) and below 75% of verbose ones (25th pct. 119).
+    toy.budget = 120
+    # The explicit baseline, reward - lambda |y| / budget. At lambda <= 1 no correct answer ranks below an empty
+    # response; at 3, every correct answer longer than a third of the budget (most verbose ones) does.
+    toy.length_penalty = 0.5
+    toy.length_penalty_high = 3.0
     toy.n_values = (1, 2, 4, 8)
-    toy.eval_budget = 256  # one fixed budget per prompt at every N (the paper's setting)
+    # One fixed budget per prompt at every N (the paper's setting): every concise N=8 trace fits (at most 289
+    # tokens) and nearly every verbose N<=4 one, while most verbose N=8 traces (25th percentile 340) do not.
+    toy.eval_budget = 320
     toy.eval_samples = 4  # responses per prompt at temperature 1 (greedy: 1)
     toy.rebuild_warm_start = False
-    toy.model_preset = "mini-llama"
-    toy.sft_steps = 2500
-    toy.sft_examples = 30000
-    toy.sft_n_mix = ((1, 0.4), (2, 0.2), (3, 0.4))  # (N, weight) of the SFT prompts
+    toy.warm_start = ""  # an HF directory to start from instead of the shipped bcr_jax/toy/warm_start
+    toy.model_preset = "toy-llama"
+    toy.sft_steps = 3000
+    toy.sft_examples = 60000
+    # (N, weight) of the SFT prompts: every N up to 8, so every position of an N=8 prompt is read in training.
+    toy.sft_n_mix = ((1, 0.20), (2, 0.15), (3, 0.15), (4, 0.12), (5, 0.10), (6, 0.10), (7, 0.09), (8, 0.09))
+    toy.sft_concise_share = 0.1  # traces without checks, at every N: the style RL may move to stays in-distribution
     toy.results_dir = "results"  # the full run's figures are copied here ("" = workdir only)
 
     toy.quick_rl_steps = 4
-    toy.quick_prompts_per_step = 8
+    toy.quick_prompts_per_step = 4
     toy.quick_eval_problems = 24
     toy.quick_sft_steps = 60
     return config

@@ -424,3 +424,30 @@ def test_a_training_run_is_loaded_through_checkpoint_load_run(tmp_path, monkeypa
     rows = evaluate.run_eval(config)  # the run's tokenizer is None here: the config's (chars) is used
     assert loaded == [(str(run.resolve()), 5), (str(run.resolve()), 10)]  # the latest step, pinned at resolution
     assert [r["checkpoint"] for r in rows] == ["my-run@5", "my-run@10"]
+
+
+def test_phrase_counts_per_problem_from_the_kept_responses(tmp_path, six_problems):
+    config = scripted_config(tmp_path, six_problems, n_values=(1, 4))
+    config.eval.count_phrases = ("WORK on", "boxed")
+    policy = ScriptedPolicy(30, BASE_QUALITY)
+    rows = evaluate.run_eval(config, {"base": policy}, grade_fn=exact_grader)
+    # Hand-derived: N=1, one "work on" per response and one box, two for the malformed q4 (both samples):
+    # 14 boxes / 12 problems. N=4 is cut after 3 problems (the 4th box opened, never closed): prompt [q0..q3]
+    # 3 + 1 boxes, prompt [q4, q5, q0, q1] 2 + 1 + 1 + 1, twice each, over 4 responses x 4 problems.
+    assert rows[0]["phrase_counts"] == pytest.approx({"WORK on": 1.0, "boxed": 14 / 12})
+    assert rows[1]["phrase_counts"] == pytest.approx({"WORK on": 3 / 4, "boxed": 18 / 16})
+    header, first = list(csv.reader((pathlib.Path(config.workdir) / "scaling_law.csv").read_text().splitlines()))[:2]
+    assert float(first[header.index("per_problem:boxed")]) == pytest.approx(14 / 12)
+    assert "## Phrases per problem" in (pathlib.Path(config.workdir) / "scaling_law.md").read_text()
+
+    # Cached cells are recounted from their responses for new phrases, without sampling again.
+    config.eval.count_phrases = ("answer 1::",)
+    again = ScriptedPolicy(30, BASE_QUALITY)
+    rows = evaluate.run_eval(config, {"base": again}, grade_fn=exact_grader)
+    assert again.calls == [] and [r["phrase_counts"] for r in rows] == [{"answer 1::": 1.0}, {"answer 1::": 1 / 4}]
+    rescored = evaluate.rescore(config.workdir, grade_fn=exact_grader, count_phrases=("q4",))
+    # q4: once in each response of its prompt (2 of 12 at N=1, 2 of 4 x 4 problem slots at N=4).
+    assert [r["phrase_counts"] for r in rescored] == [pytest.approx({"q4": 2 / 12}), pytest.approx({"q4": 2 / 16})]
+    config.eval.count_phrases = ("wait", "")
+    with pytest.raises(ConfigError, match="config.eval.count_phrases"):
+        evaluate.run_eval(config, {"base": again}, grade_fn=exact_grader)

@@ -47,12 +47,49 @@ def test_traces_parse_to_the_right_answers_and_checks_never_change_them(n):
         assert world.count_checks(concise) == 0
         # Removing the check lines of a verbose trace gives the concise one: they are pure redundancy.
         assert "".join(line + "\n" for line in verbose.splitlines() if not line.startswith("check ")) == concise
+        lines = verbose.splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("check "):  # a check repeats the last non-check line verbatim
+                previous = next(x for x in reversed(lines[:i]) if not x.startswith("check "))
+                assert line == f"check {previous} ok"
+
+
+def test_each_rewrite_line_follows_from_the_line_above_alone():
+    """The format's point: line i+1 is line i with its first operation done, so nothing else is read."""
+    for p in world.make_problems(300, seed=7):
+        chain = [p.text] + world.rewrites(p)
+        for above, below in zip(chain, chain[1:]):
+            digits_ops = re.findall(r"[+-]|\d", above)
+            first = int(digits_ops[0]) + (int(digits_ops[2]) if digits_ops[1] == "+" else -int(digits_ops[2]))
+            assert below == str(first) + "".join(digits_ops[3:])
+        assert chain[-1] == str(p.answer) and _value(p.text)[0] == p.answer
+
+
+def test_checks_by_problem_and_accuracy_by_checks_by_hand():
+    from bcr_jax.toy import pipeline
+
+    response = ("5+1\n6\ncheck 6 ok\ncheck 6 ok\nAnswer 1::\\boxed{6}\n3-1+1\n2+1\n3\nAnswer 2::\\boxed{3}\n"
+                "4+4-1\n8-1\ncheck 8-1 ok\n")  # cut off in problem 3
+    assert world.checks_by_problem(response, 3) == [2, 0, 1]
+    records = [{"response": response, "counted": [True, True, True], "correct": [True, False, False]},
+               {"response": "1+1\n2\nAnswer 1::\\boxed{2}\n", "counted": [True, False, True],
+                "correct": [True, False, False]}]
+    by_checks = pipeline.accuracy_by_checks(records, 3)
+    # 0 checks: record 0 problem 2 (wrong), record 1 problems 1 (right) and 3 (wrong); record 1 problem 2 a filler.
+    assert by_checks["0"] == pytest.approx(1 / 3) and by_checks["count_0"] == 3
+    assert by_checks["1"] == 0.0 and by_checks["2"] == 1.0 and by_checks["3+"] is None
+
+
+def test_greedy_safe_check_probabilities_and_bad_values():
+    assert world.VERBOSE.first > 0.5 > world.VERBOSE.repeat  # greedy: one check per line, never a loop
+    with pytest.raises(ValueError, match="Verbosity.repeat"):
+        world.Verbosity(0.5, 1.0)
 
 
 def test_tokenizer_round_trips_and_uses_whole_word_markers():
     tok = world.tokenizer()
-    assert tok.vocab_size == world.vocab_size() == 22
-    text = world.prompt_text(world.make_problems(2, 0)) + "\n" + "3+4=7\ncheck 3+4=7 ok\nAnswer 1::\\boxed{7}\n"
+    assert tok.vocab_size == world.vocab_size() == 21
+    text = world.prompt_text(world.make_problems(2, 0)) + "\n" + "3+4-2\n7-2\ncheck 7-2 ok\nAnswer 1::\\boxed{5}\n"
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert tok.encode("Answer 1::\\boxed{7}") == [tok.encode("Answer ")[0], tok.encode("1")[0],
@@ -60,11 +97,28 @@ def test_tokenizer_round_trips_and_uses_whole_word_markers():
                                                     tok.encode("}")[0]]
 
 
-def test_redundancy_share_matches_the_geometric_check_count():
-    # 0.4 / 0.6 checks per step of 8 tokens, against 6 tokens per step and a 6-token answer line, 3 steps on average.
-    steps, checks = 3.0, 0.4 / 0.6
-    expected = steps * checks * 8 / (steps * (6 + checks * 8) + 6 + 1)
-    assert abs(world.redundancy_share(num_prompts=4000) - expected) < 0.02
+def test_redundancy_share_matches_the_expected_check_tokens():
+    """The measured share against one computed from the check probabilities: per rewrite line, checks_per_line
+    checks of len(line) + 3 tokens ("check ", " ok", newline); the concise part is every line plus its newline, the
+    six-token answer line and EOS."""
+    verbosity = world.Verbosity(0.8, 0.3)
+    check_tokens = concise_tokens = 0.0
+    for p in world.make_problems(4000, seed=11):
+        lines = world.rewrites(p)
+        check_tokens += verbosity.checks_per_line * sum(len(line) + 3 for line in lines)
+        concise_tokens += len(p.text) + 1 + sum(len(line) + 1 for line in lines) + 6 + 1
+    expected = check_tokens / (check_tokens + concise_tokens)
+    measured = world.redundancy_share(num_prompts=4000, verbosity=verbosity)
+    assert abs(measured - expected) < 0.01 and measured >= 0.40  # the issue's floor: a >= 30% cut is possible
+
+
+def test_sft_data_mixes_every_n_and_a_concise_share(tmp_path):
+    path = world.write_sft_data(tmp_path / "sft.jsonl", 800, seed=3, n_mix={1: 1.0, 8: 1.0}, concise_share=0.25)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    ns = [r["response"].count("Answer ") for r in rows]
+    assert set(ns) == {1, 8} and 0.4 < np.mean(np.array(ns) == 8) < 0.6
+    concise = np.mean([world.count_checks(r["response"]) == 0 for r in rows if r["response"].count("Answer ") == 8])
+    assert 0.15 < concise < 0.35  # an N=8 verbose trace without a single check is vanishingly rare (0.2^~24)
 
 
 def test_the_notebook_runs_the_quick_replication(monkeypatch):
@@ -88,7 +142,7 @@ def test_the_notebook_runs_the_quick_replication(monkeypatch):
                    resources={"metadata": {"path": str(ROOT)}}).execute()
     result = json.loads((workdir / "toy_replication.json").read_text())
     models = {row["model"] for row in result["rows"]}
-    assert models == {"warm_start", "grpo", "bcr", "length_penalty"}
+    assert models == {"warm_start", "grpo", "bcr", "length_penalty", "length_penalty_high"}
     assert {(row["n"], row["temperature"]) for row in result["rows"]} == {(n, t) for n in (1, 2, 4, 8)
                                                                          for t in (1.0, 0.0)}
     for row in result["rows"]:

@@ -47,6 +47,12 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=4, num_kv_heads=4, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=True,
         max_position_embeddings=2048,
     ),
+    # The toy world's warm start since the rewrite format (d 192, 4 layers, 6 heads; 1.78M parameters).
+    "toy-llama": ModelConfig(
+        model_type="llama", vocab_size=21, hidden_size=192, intermediate_size=512, num_layers=4,
+        num_heads=6, num_kv_heads=6, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=True,
+        max_position_embeddings=1024,
+    ),
     # The sampling benchmark's model (issue: hidden 256, 4 layers, 8 heads / 4 kv heads, head_dim 32, vocab 1000).
     "bench-qwen3": ModelConfig(
         model_type="qwen3", vocab_size=1000, hidden_size=256, intermediate_size=1024, num_layers=4,

@@ -1,18 +1,20 @@
-"""The toy replication (`mode=toy`, the README's main job): warm start → three RL runs → the scaling-law evaluation.
+"""The toy replication (`mode=toy`, the README's main job): warm start → four RL runs → the scaling-law evaluation.
 
 1. Data: training problems from `toy.train_seed`, held-out evaluation problems from `toy.eval_seed` (never used to
-   tune anything), written as local JSONL files the trainer and the evaluation read.
+   tune anything), written as local JSONL files the trainer and the evaluation read. The warm start is checked on
+   a third set, `toy.dev_seed`.
 2. Warm start: the shipped one (`bcr_jax/toy/warm_start`, made by this project's `mode=sft`; rebuild it with
-   `--config.toy.rebuild_warm_start=True`) or a fresh `mode=sft` run on verbose traces of an N mix.
-3. RL with the real trainer, the same rollout budget (prompts x samples x steps) for every run:
-   `grpo` (N = 1, a budget that fits verbose traces), `bcr` (N = 3, a shared budget that three verbose traces
-   overflow), `length_penalty` (N = 1, reward - |y| / budget), and optionally `bcr_segment` (bcr with per-problem
-   segment credit).
+   `--config.toy.rebuild_warm_start=True`, add `--config.toy.stop_after=warm_start` to stop after measuring it).
+3. RL with the real trainer, the same rollout budget (prompts x samples x steps) and the same response budget
+   (`toy.budget` tokens) for every run: `grpo` (N = 1), `bcr` (N = 3, the budget shared by three problems),
+   `length_penalty` and `length_penalty_high` (N = 1, reward - lambda |y| / budget at two lambdas), and optionally
+   `bcr_segment` (bcr with per-problem segment credit).
 4. Evaluation on the held-out problems at every N of `toy.n_values`, at temperature 1 and greedy, one fixed budget
-   per prompt; checks per problem are counted in the kept raw responses.
+   per prompt; checks per problem counted by the evaluation's `eval.count_phrases`.
 5. Results: `toy_replication.json` (rows per model x N x temperature), `toy_replication.md`, `toy_training.png`
-   (per-step reward, tokens per problem, truncation, checks per problem) and the evaluation's `scaling_law.png`,
-   in the workdir, copied to `toy.results_dir` when set.
+   (per-step reward, accuracy, tokens and checks per problem, truncation) and `toy_scaling_law.png`, in the workdir,
+   copied to `toy.results_dir` for the registered held-out seed. Another `toy.eval_seed` reuses the finished runs
+   and only evaluates (`eval_seed<seed>/` in the workdir).
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ import time
 
 import numpy as np
 
-from bcr_jax import evaluate, train
+from bcr_jax import bcr, evaluate, train
 from bcr_jax.toy import world
 
 WARM_START_DIR = pathlib.Path(__file__).resolve().parent / "warm_start"
-MODELS = ("warm_start", "grpo", "bcr", "length_penalty", "bcr_segment")
+RUNS = ("grpo", "bcr", "length_penalty", "length_penalty_high", "bcr_segment")
+MODELS = ("warm_start",) + RUNS
+REGISTERED_EVAL_SEED = 1000  # the held-out seed the shipped results use; other seeds write beside them
+CHECK_BUCKETS = ("0", "1", "2", "3+")
 
 
 def _stage(message: str) -> None:
@@ -44,6 +49,16 @@ def toy_tokenizer_fields(config) -> None:
     config.tokenizer.words = world.WORDS
     config.data.template = "compact"
     config.rollout.thinking = "off"
+    config.eval.count_phrases = (world.CHECK,)
+
+
+def verbosity(config) -> world.Verbosity:
+    return world.Verbosity(config.toy.first_check_prob, config.toy.repeat_check_prob)
+
+
+def exact_grader(answers, golds):
+    """The toy's answers are single digits: an exact comparison decides them (no worker pool)."""
+    return [(a.strip() == g, "equal" if a.strip() == g else "not_equal") for a, g in zip(answers, golds)]
 
 
 def sft_config(config, data_path: pathlib.Path, workdir: pathlib.Path):
@@ -57,7 +72,7 @@ def sft_config(config, data_path: pathlib.Path, workdir: pathlib.Path):
 
 
 def rl_config(config, name: str, warm_start: pathlib.Path, train_path: pathlib.Path, workdir: pathlib.Path):
-    """The trainer config of one RL run; everything but N, the budget and the reward is shared."""
+    """The trainer config of one RL run; everything but N and the reward is shared."""
     toy = config.toy
     run = copy.deepcopy(config)
     run.mode, run.workdir = "train", str(workdir)
@@ -68,39 +83,83 @@ def rl_config(config, name: str, warm_start: pathlib.Path, train_path: pathlib.P
     run.rollout.prompts_per_step = toy.prompts_per_step
     run.rollout.samples_per_prompt = toy.samples_per_prompt
     run.rollout.temperature = 1.0
+    run.rollout.budget = toy.budget
     run.train.count_text = world.CHECK
-    if name == "grpo":
-        run.data.problems_per_prompt, run.rollout.budget = 1, toy.grpo_budget
-    elif name in ("bcr", "bcr_segment"):
-        run.data.problems_per_prompt, run.rollout.budget = 3, toy.bcr_budget
-        run.reward.credit = "segment" if name == "bcr_segment" else "sequence"
+    run.data.problems_per_prompt = 3 if name in ("bcr", "bcr_segment") else 1
+    if name == "bcr_segment":
+        run.reward.credit = "segment"
     elif name == "length_penalty":
-        run.data.problems_per_prompt, run.rollout.budget = 1, toy.grpo_budget
         run.reward.length_penalty = toy.length_penalty
-    else:
-        raise ValueError(f"config.toy.runs: unknown run {name!r}; choose from {', '.join(MODELS[1:])}")
+    elif name == "length_penalty_high":
+        run.reward.length_penalty = toy.length_penalty_high
+    elif name not in ("grpo", "bcr"):
+        raise train.ConfigError(f"config.toy.runs: unknown run {name!r}; choose from {', '.join(RUNS)}")
     return run
 
 
-def eval_config(config, checkpoints: dict[str, str], heldout: pathlib.Path, workdir: pathlib.Path, temperature):
+def eval_config(config, checkpoints: dict[str, str], problems: pathlib.Path, workdir: pathlib.Path, temperature,
+                n_values=None, budget=None):
     ev = copy.deepcopy(config)
     ev.mode, ev.workdir = "eval", str(workdir)
     ev.eval.checkpoints = tuple(checkpoints.values())
     ev.eval.labels = tuple(checkpoints)
-    ev.eval.benchmarks = (str(heldout),)
-    ev.eval.n_values = tuple(config.toy.n_values)
+    ev.eval.benchmarks = (str(problems),)
+    ev.eval.n_values = tuple(n_values or config.toy.n_values)
     ev.eval.temperature, ev.eval.top_p = float(temperature), 1.0
     ev.eval.samples = config.toy.eval_samples if temperature > 0 else 1
     ev.eval.orderings = 1
-    ev.eval.budget_rule, ev.eval.budget = "fixed", config.toy.eval_budget
+    ev.eval.budget_rule, ev.eval.budget = "fixed", budget or config.toy.eval_budget
     ev.eval.batch_prompts = 256
     return ev
 
 
-def _checks_per_problem(eval_dir: pathlib.Path, row: dict) -> float:
-    records = [json.loads(line) for line in (eval_dir / evaluate.CELLS_DIR / f"{row['cell']}.jsonl").read_text()
-               .splitlines() if line]
-    return float(np.mean([world.count_checks(r["response"]) for r in records]) / row["n"])
+def _records(eval_dir: pathlib.Path, row: dict) -> list[dict]:
+    path = eval_dir / evaluate.CELLS_DIR / f"{row['cell']}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def accuracy_by_checks(records: list[dict], n: int) -> dict[str, float | None]:
+    """Accuracy of the problems that were given 0, 1, 2 or 3+ check lines, with the count of each bucket."""
+    hits = {b: [] for b in CHECK_BUCKETS}
+    for record in records:
+        for k, checks in enumerate(world.checks_by_problem(record["response"], n)):
+            if record["counted"][k]:
+                hits[CHECK_BUCKETS[min(checks, 3)]].append(bool(record["correct"][k]))
+    return {b: (float(np.mean(v)) if v else None) for b, v in hits.items()} | \
+        {f"count_{b}": len(v) for b, v in hits.items()}
+
+
+def measure_warm_start(config, warm_start: pathlib.Path, workdir: pathlib.Path) -> dict:
+    """The world's measured properties on the warm start, on `toy.dev_seed` problems (never the held-out ones):
+    accuracy by checks written (greedy and T=1, N=1), accuracy by position at N=8, and the data's redundancy."""
+    toy = config.toy
+    dev = world.write_problems(workdir / "data" / "dev.jsonl",
+                               world.make_problems(toy.dev_problems, toy.dev_seed, "dev"))
+    report = {"warm_start": str(warm_start), "dev_seed": toy.dev_seed, "dev_problems": toy.dev_problems,
+              "budget": toy.dev_budget,
+              "redundancy_share_n1": world.redundancy_share(n=1, seed=toy.train_seed, verbosity=verbosity(config)),
+              "cells": []}
+    for temperature, label in ((0.0, "greedy"), (1.0, "t1")):
+        eval_dir = workdir / "warm_start_check" / label
+        rows = evaluate.run_eval(eval_config(config, {"warm_start": str(warm_start)}, dev, eval_dir, temperature,
+                                             n_values=(1, 8), budget=toy.dev_budget), grade_fn=exact_grader)
+        for row in rows:
+            records = _records(eval_dir, row)
+            report["cells"].append({"temperature": temperature, "n": row["n"], "accuracy": row["accuracy"],
+                                    "accuracy_by_position": row["accuracy_by_position"],
+                                    "tokens_per_problem": row["tokens_per_problem"],
+                                    "checks_per_problem": row["phrase_counts"][world.CHECK],
+                                    "truncation_rate": row["truncation_rate"],
+                                    "accuracy_by_checks": accuracy_by_checks(records, row["n"])})
+    (workdir / "warm_start_check.json").write_text(json.dumps(report, indent=1))
+    for cell in report["cells"]:
+        by_checks = " / ".join("-" if cell["accuracy_by_checks"][b] is None else
+                               f"{cell['accuracy_by_checks'][b]:.1%}" for b in CHECK_BUCKETS)
+        positions = " / ".join(f"{a:.0%}" for a in cell["accuracy_by_position"])
+        print(f"warm start T={cell['temperature']:g} N={cell['n']}: accuracy {cell['accuracy']:.1%}, "
+              f"{cell['checks_per_problem']:.2f} checks/problem, by checks 0/1/2/3+ {by_checks}, "
+              f"by position {positions}", flush=True)
+    return report
 
 
 def training_curves(run_dirs: dict[str, pathlib.Path]) -> dict[str, list[dict]]:
@@ -114,9 +173,9 @@ def plot_training(curves: dict[str, list[dict]], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("reward/mean", "reward"), ("tokens/per_problem", "tokens per problem"),
-              ("rollout/truncation_rate", "truncation rate"), ("rollout/count_per_problem", "checks per problem"),
-              ("accuracy/instance", "accuracy (training rollouts)"))
+    panels = (("reward/mean", "reward"), ("accuracy/instance", "accuracy (training rollouts)"),
+              ("tokens/per_problem", "tokens per problem"), ("rollout/count_per_problem", "checks per problem"),
+              ("rollout/truncation_rate", "truncation rate"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
     for ax, (key, title) in zip(axes, panels):
         for name, rows in curves.items():
@@ -131,28 +190,34 @@ def plot_training(curves: dict[str, list[dict]], path: pathlib.Path) -> None:
 
 
 def markdown(rows: list[dict], share: float) -> str:
-    lines = [f"Held-out toy problems; verbose-trace redundancy (check lines) = {share:.0%} of warm-start-style "
-             "tokens at N=1.", "",
-             "| model | T | N | accuracy | tokens / problem | checks / problem | truncated | accuracy by position |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"Held-out toy problems; check lines are {share:.0%} of a verbose N=1 trace's tokens.", "",
+             "| model | T | N | accuracy | tokens / problem | checks / problem | answered | truncated | "
+             "accuracy by position |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         positions = " / ".join(f"{a:.0%}" for a in r["accuracy_by_position"])
         lines.append(f"| {r['model']} | {r['temperature']:g} | {r['n']} | {r['accuracy']:.1%} | "
-                     f"{r['tokens_per_problem']:.1f} | {r['checks_per_problem']:.2f} | {r['truncation_rate']:.0%} | "
-                     f"{positions} |")
+                     f"{r['tokens_per_problem']:.1f} | {r['checks_per_problem']:.2f} | {r['answered_rate']:.0%} | "
+                     f"{r['truncation_rate']:.0%} | {positions} |")
     return "\n".join(lines) + "\n"
+
+
+def _apply_quick(toy) -> None:
+    toy.rl_steps, toy.eval_problems, toy.sft_steps = toy.quick_rl_steps, toy.quick_eval_problems, toy.quick_sft_steps
+    toy.eval_samples = min(toy.eval_samples, 2)
+    toy.prompts_per_step = toy.quick_prompts_per_step
+    toy.dev_problems = min(toy.dev_problems, toy.quick_eval_problems)
+    toy.results_dir = ""  # a quick run never overwrites the full run's results
 
 
 def run_toy(config) -> dict:
     toy = config.toy
     if config.quick:
-        toy.rl_steps, toy.eval_problems, toy.sft_steps = toy.quick_rl_steps, toy.quick_eval_problems, toy.quick_sft_steps
-        toy.eval_samples = min(toy.eval_samples, 2)
-        toy.prompts_per_step = toy.quick_prompts_per_step
-        toy.results_dir = ""  # a quick run never overwrites the full run's results
+        _apply_quick(toy)
     for name in toy.runs:
-        if name not in MODELS[1:]:
-            raise train.ConfigError(f"config.toy.runs: unknown run {name!r}; choose from {', '.join(MODELS[1:])}")
+        if name not in RUNS:
+            raise train.ConfigError(f"config.toy.runs: unknown run {name!r}; choose from {', '.join(RUNS)}")
+    if toy.stop_after not in ("", "warm_start"):
+        raise train.ConfigError(f"config.toy.stop_after: {toy.stop_after!r}; choose '' or 'warm_start'")
     toy_tokenizer_fields(config)
     workdir = pathlib.Path(config.workdir)
     if config.quick:  # never mix a quick run's files with a full run's
@@ -163,22 +228,35 @@ def run_toy(config) -> dict:
     _stage("data: training and held-out problems")
     train_path = world.write_problems(workdir / "data" / "train.jsonl",
                                       world.make_problems(toy.train_problems, toy.train_seed, "train"))
-    heldout_path = world.write_problems(workdir / "data" / "heldout.jsonl",
+    registered = toy.eval_seed == REGISTERED_EVAL_SEED
+    out_dir = workdir if registered else workdir / f"eval_seed{toy.eval_seed}"
+    heldout_path = world.write_problems(out_dir / "data" / "heldout.jsonl",
                                         world.make_problems(toy.eval_problems, toy.eval_seed, "heldout"))
-    share = world.redundancy_share(n=1, seed=toy.train_seed)
-    print(f"{toy.train_problems} training problems, {toy.eval_problems} held-out; checks are {share:.0%} of a "
-          "verbose N=1 trace", flush=True)
+    share = world.redundancy_share(n=1, seed=toy.train_seed, verbosity=verbosity(config))
+    print(f"{toy.train_problems} training problems, {toy.eval_problems} held-out (seed {toy.eval_seed}); checks "
+          f"are {share:.0%} of a verbose N=1 trace", flush=True)
 
     _stage("warm start")
     if toy.rebuild_warm_start or not (WARM_START_DIR / "config.json").is_file():
         from bcr_jax import sft
 
         sft_data = world.write_sft_data(workdir / "data" / "sft.jsonl", toy.sft_examples, toy.train_seed + 1,
-                                        {int(k): float(v) for k, v in toy.sft_n_mix})
+                                        {int(k): float(v) for k, v in toy.sft_n_mix}, verbosity(config),
+                                        toy.sft_concise_share)
         warm_start = sft.run_sft(sft_config(config, sft_data, workdir / "warm_start"))
+        measure_warm_start(config, warm_start, workdir)
+    elif toy.warm_start:
+        warm_start = pathlib.Path(toy.warm_start).expanduser()
+        if not (warm_start / "config.json").is_file():
+            raise train.ConfigError(f"config.toy.warm_start: {warm_start} is not an HF directory (no config.json)")
+        print(f"using the warm start {warm_start}")
     else:
         warm_start = WARM_START_DIR
         print(f"using the shipped warm start {warm_start} (rebuild: --config.toy.rebuild_warm_start=True)")
+    if toy.stop_after == "warm_start":
+        if not toy.rebuild_warm_start:
+            measure_warm_start(config, warm_start, workdir)
+        return {"warm_start": str(warm_start)}
 
     run_dirs = {}
     for name in toy.runs:
@@ -198,17 +276,20 @@ def run_toy(config) -> dict:
     rows = []
     for temperature, label in ((1.0, "t1"), (0.0, "greedy")):
         _stage(f"evaluation at temperature {temperature:g}")
-        eval_dir = workdir / f"eval_{label}"
-        for row in evaluate.run_eval(eval_config(config, checkpoints, heldout_path, eval_dir, temperature)):
+        eval_dir = out_dir / f"eval_{label}"
+        for row in evaluate.run_eval(eval_config(config, checkpoints, heldout_path, eval_dir, temperature),
+                                     grade_fn=exact_grader):
             rows.append({"model": row["checkpoint"], "n": row["n"], "temperature": temperature,
                          "accuracy": row["accuracy"], "tokens_per_problem": row["tokens_per_problem"],
-                         "checks_per_problem": _checks_per_problem(eval_dir, row),
+                         "checks_per_problem": row["phrase_counts"][world.CHECK],
                          "truncation_rate": row["truncation_rate"], "answered_rate": row["answered_rate"],
-                         "accuracy_by_position": row["accuracy_by_position"], "budget": row["budget"],
-                         "num_problems": row["num_problems"], "num_responses": row["num_responses"]})
+                         "accuracy_by_position": row["accuracy_by_position"],
+                         "accuracy_by_checks": accuracy_by_checks(_records(eval_dir, row), row["n"]),
+                         "budget": row["budget"], "num_problems": row["num_problems"],
+                         "num_responses": row["num_responses"]})
 
     curves = training_curves(run_dirs)
-    plot_training(curves, workdir / "toy_training.png")
+    plot_training(curves, out_dir / "toy_training.png")
     result = {
         "rows": rows,
         "workdir": str(workdir),
@@ -219,23 +300,24 @@ def run_toy(config) -> dict:
         "minutes": (time.perf_counter() - started) / 60,
         "redundancy_share": share,
         "settings": {"rl_steps": toy.rl_steps, "prompts_per_step": toy.prompts_per_step,
-                     "samples_per_prompt": toy.samples_per_prompt, "grpo_budget": toy.grpo_budget,
-                     "bcr_budget": toy.bcr_budget, "length_penalty": toy.length_penalty,
+                     "samples_per_prompt": toy.samples_per_prompt, "budget": toy.budget,
+                     "length_penalty": toy.length_penalty, "length_penalty_high": toy.length_penalty_high,
                      "eval_budget": toy.eval_budget, "eval_problems": toy.eval_problems, "eval_seed": toy.eval_seed,
-                     "learning_rate": config.optim.learning_rate, "warm_start": str(warm_start)},
-        "training": {name: {key: float(np.mean([r[key] for r in rows_[-10:]])) for key in
+                     "learning_rate": config.optim.learning_rate, "warm_start": str(warm_start),
+                     "first_check_prob": toy.first_check_prob, "repeat_check_prob": toy.repeat_check_prob},
+        "training": {name: {key: float(np.mean([r[key] for r in rows_[-5:]])) for key in
                             ("reward/mean", "tokens/per_problem", "rollout/truncation_rate",
                              "rollout/count_per_problem", "accuracy/instance")}
                      for name, rows_ in curves.items()},
     }
-    (workdir / "toy_replication.json").write_text(json.dumps(result, indent=1))
-    (workdir / "toy_replication.md").write_text(markdown(rows, share))
-    shutil.copy2(workdir / "eval_t1" / "scaling_law.png", workdir / "toy_scaling_law.png")
-    if toy.results_dir:
+    (out_dir / "toy_replication.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "toy_replication.md").write_text(markdown(rows, share))
+    shutil.copy2(out_dir / "eval_t1" / "scaling_law.png", out_dir / "toy_scaling_law.png")
+    if toy.results_dir and registered:
         results = pathlib.Path(toy.results_dir)
         results.mkdir(parents=True, exist_ok=True)
         for name in ("toy_replication.json", "toy_replication.md", "toy_training.png", "toy_scaling_law.png"):
-            shutil.copy2(workdir / name, results / name)
-    _stage(f"done in {result['minutes']:.1f} min: {workdir / 'toy_replication.md'}")
+            shutil.copy2(out_dir / name, results / name)
+    _stage(f"done in {result['minutes']:.1f} min: {out_dir / 'toy_replication.md'}")
     print(markdown(rows, share), flush=True)
     return result
