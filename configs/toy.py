@@ -61,16 +61,16 @@ def get_config():
     toy.rl_steps = 60  # the same rollout budget for every run: steps x prompts x samples
     toy.prompts_per_step = 8
     toy.samples_per_prompt = 8
-    # One response budget for every run: fits every verbose N=1 trace (99th percentile 97 tokens); shared by BCR's
-    # three problems it is above every concise N=3 trace (at most 109) and below 75% of verbose ones (25th pct. 119).
+    # One response budget for every run: fits the verbose N=1 traces (99th percentile 101 tokens); shared by BCR's
+    # three problems it is above every concise N=3 trace (at most 3 x 36 + EOS = 109) and below 78% of verbose ones.
     toy.budget = 120
     # The explicit baseline, reward - lambda |y| / budget. At lambda <= 1 no correct answer ranks below an empty
     # response; at 3, every correct answer longer than a third of the budget (most verbose ones) does.
     toy.length_penalty = 0.5
     toy.length_penalty_high = 3.0
     toy.n_values = (1, 2, 4, 8)
-    # One fixed budget per prompt at every N (the paper's setting): every concise N=8 trace fits (at most 289
-    # tokens) and nearly every verbose N<=4 one, while most verbose N=8 traces (25th percentile 340) do not.
+    # One fixed budget per prompt at every N (the paper's setting): every concise N=8 trace fits (at most 8 x 36 +
+    # EOS = 289 tokens) and nearly every verbose N<=4 one, while most verbose N=8 traces (25th percentile 349) do not.
     toy.eval_budget = 320
     toy.eval_samples = 4  # responses per prompt at temperature 1 (greedy: 1)
     toy.rebuild_warm_start = False

@@ -167,6 +167,12 @@ def training_curves(run_dirs: dict[str, pathlib.Path]) -> dict[str, list[dict]]:
             for name, d in run_dirs.items()}
 
 
+def smooth(values, window: int = 5) -> np.ndarray:
+    """Trailing mean over `window` steps (fewer at the start): per-step rollouts of 8 prompts are noisy."""
+    values = np.asarray(values, float)
+    return np.array([np.mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))])
+
+
 def plot_training(curves: dict[str, list[dict]], path: pathlib.Path) -> None:
     import matplotlib
 
@@ -178,15 +184,37 @@ def plot_training(curves: dict[str, list[dict]], path: pathlib.Path) -> None:
               ("rollout/truncation_rate", "truncation rate"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
     for ax, (key, title) in zip(axes, panels):
-        for name, rows in curves.items():
-            ax.plot([r["step"] for r in rows], [r.get(key, np.nan) for r in rows], label=name)
-        ax.set_title(title)
+        for i, (name, rows) in enumerate(curves.items()):
+            steps, values = [r["step"] for r in rows], [r.get(key, np.nan) for r in rows]
+            ax.plot(steps, values, color=f"C{i}", alpha=0.25, linewidth=0.8)
+            ax.plot(steps, smooth(values), color=f"C{i}", label=name)
+        ax.set_title(title + " (5-step mean)")
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+TRAINING_KEYS = ("reward/mean", "accuracy/instance", "tokens/per_problem", "rollout/count_per_problem",
+                 "rollout/truncation_rate")
+
+
+def training_summary(curves: dict[str, list[dict]], window: int = 10) -> dict:
+    """Per run and metric, the mean over the first, the second-to-last and the last `window` steps (whether a
+    run has stopped moving is read off the last two) and the extremes of any logged step (a collapse)."""
+    summary = {}
+    for name, rows in curves.items():
+        summary[name] = {}
+        for key in TRAINING_KEYS:
+            values = np.array([r.get(key, np.nan) for r in rows], float)
+            summary[name][key] = {"first": float(np.mean(values[:window])),
+                                  "previous": float(np.mean(values[-2 * window:-window])) if len(values) > window
+                                  else None,
+                                  "last": float(np.mean(values[-window:])),
+                                  "min": float(np.min(values)), "max": float(np.max(values))}
+    return summary
 
 
 def markdown(rows: list[dict], share: float) -> str:
@@ -305,10 +333,7 @@ def run_toy(config) -> dict:
                      "eval_budget": toy.eval_budget, "eval_problems": toy.eval_problems, "eval_seed": toy.eval_seed,
                      "learning_rate": config.optim.learning_rate, "warm_start": str(warm_start),
                      "first_check_prob": toy.first_check_prob, "repeat_check_prob": toy.repeat_check_prob},
-        "training": {name: {key: float(np.mean([r[key] for r in rows_[-5:]])) for key in
-                            ("reward/mean", "tokens/per_problem", "rollout/truncation_rate",
-                             "rollout/count_per_problem", "accuracy/instance")}
-                     for name, rows_ in curves.items()},
+        "training": training_summary(curves),
     }
     (out_dir / "toy_replication.json").write_text(json.dumps(result, indent=1))
     (out_dir / "toy_replication.md").write_text(markdown(rows, share))
