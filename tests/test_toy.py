@@ -154,3 +154,28 @@ def test_the_notebook_runs_the_quick_replication(monkeypatch):
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the plots are shown
     assert any("N=1: bcr" in o.get("text", "") for o in outputs)
     assert any(f"XLA:CPU threading: added {cpu_threading.chosen_flags()}" in o.get("text", "") for o in outputs)
+
+
+def test_another_eval_seed_reuses_the_finished_runs_and_only_evaluates(monkeypatch):
+    """Runs after the notebook test (same quick workdir): a new held-out seed trains nothing and writes beside."""
+    from bcr_jax import train
+    from bcr_jax.toy import pipeline
+    from configs import toy as toy_config
+
+    workdir = ROOT / "runs" / "toy_notebook"
+    if not (workdir.with_name("toy_notebook_quick") / "toy_replication.json").is_file():
+        pytest.fail("needs the notebook test's quick run (run the whole file)")
+
+    def no_training(config):
+        raise AssertionError(f"trained {config.workdir} again")
+
+    monkeypatch.setattr(train, "run_train", no_training)
+    config = toy_config.get_config()
+    config.quick, config.workdir, config.toy.eval_seed = True, str(workdir), 1001
+    result = pipeline.run_toy(config)
+    out = workdir.with_name("toy_notebook_quick") / "eval_seed1001"
+    assert json.loads((out / "toy_replication.json").read_text())["settings"]["eval_seed"] == 1001
+    heldout = [json.loads(line)["id"] for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
+    assert heldout and all(i.startswith("heldout/1001/") for i in heldout)
+    assert {r["model"] for r in result["rows"]} == {"warm_start", "grpo", "bcr", "length_penalty",
+                                                    "length_penalty_high"}

@@ -213,7 +213,8 @@ def training_summary(curves: dict[str, list[dict]], window: int = 10) -> dict:
                                   "previous": float(np.mean(values[-2 * window:-window])) if len(values) > window
                                   else None,
                                   "last": float(np.mean(values[-window:])),
-                                  "min": float(np.min(values)), "max": float(np.max(values))}
+                                  "min": float(np.min(values)), "max": float(np.max(values)),
+                                  "min_5_step_mean": float(np.min(smooth(values)))}
     return summary
 
 
@@ -227,6 +228,53 @@ def markdown(rows: list[dict], share: float) -> str:
                      f"{r['tokens_per_problem']:.1f} | {r['checks_per_problem']:.2f} | {r['answered_rate']:.0%} | "
                      f"{r['truncation_rate']:.0%} | {positions} |")
     return "\n".join(lines) + "\n"
+
+
+def claims(rows: list[dict], summary: dict) -> dict:
+    """The issue's four checks, computed from the held-out rows at temperature 1 and the training curves (the
+    criteria were fixed before any held-out result was seen; see the README's toy section)."""
+    at = {(r["model"], r["n"]): r for r in rows if r["temperature"] == 1.0}
+    ns = sorted({n for _, n in at})
+    out = {}
+    if not {"warm_start", "grpo", "bcr"} <= {m for m, _ in at} or 1 not in ns:
+        return out
+    first, last = ns[0], ns[-1]
+
+    def drop(model):
+        return at[(model, first)]["accuracy"] - at[(model, last)]["accuracy"]
+
+    tokens = [at[("bcr", n)]["tokens_per_problem"] for n in ns]
+    out["a_scaling_law"] = {
+        "bcr_tokens_per_problem": dict(zip(map(str, ns), tokens)),
+        "tokens_fall_strictly": all(b < a for a, b in zip(tokens, tokens[1:])),
+        "accuracy_drop_points": {m: 100 * drop(m) for m in ("warm_start", "grpo", "bcr")},
+        "bcr_within_15_points": 100 * drop("bcr") <= 15,
+        "bcr_drop_at_most_half_of_others_or_5_points": 100 * drop("bcr") <= 5 or
+        all(drop("bcr") <= 0.5 * drop(m) for m in ("warm_start", "grpo")),
+    }
+    bcr1, ws1, grpo1 = at[("bcr", 1)], at[("warm_start", 1)], at[("grpo", 1)]
+    out["b_free_lunch"] = {
+        "tokens_vs_warm_start": bcr1["tokens_per_problem"] / ws1["tokens_per_problem"],
+        "tokens_vs_grpo": bcr1["tokens_per_problem"] / grpo1["tokens_per_problem"],
+        "accuracy_minus_warm_start_points": 100 * (bcr1["accuracy"] - ws1["accuracy"]),
+        "accuracy_minus_grpo_points": 100 * (bcr1["accuracy"] - grpo1["accuracy"]),
+    }
+    out["b_free_lunch"]["met"] = (out["b_free_lunch"]["tokens_vs_warm_start"] <= 0.75
+                                  and out["b_free_lunch"]["tokens_vs_grpo"] <= 0.80
+                                  and min(out["b_free_lunch"]["accuracy_minus_warm_start_points"],
+                                          out["b_free_lunch"]["accuracy_minus_grpo_points"]) >= -2)
+    for name in ("length_penalty", "length_penalty_high"):
+        if (name, 1) in at and name in summary:
+            lowest = summary[name]["accuracy/instance"]["min"]
+            out[f"c_{name}"] = {
+                "heldout_accuracy_n1": at[(name, 1)]["accuracy"], "warm_start_accuracy_n1": ws1["accuracy"],
+                "lowest_training_accuracy": lowest,
+                "lowest_5_step_mean": summary[name]["accuracy/instance"]["min_5_step_mean"],
+                "last10_training_accuracy": summary[name]["accuracy/instance"]
+                ["last"], "collapsed": max(ws1["accuracy"] - lowest, ws1["accuracy"] - at[(name, 1)]["accuracy"])
+                >= 0.10}
+    out["d_checks_per_problem"] = {f"{m}@N={n}": r["checks_per_problem"] for (m, n), r in sorted(at.items())}
+    return out
 
 
 def _apply_quick(toy) -> None:
@@ -335,6 +383,7 @@ def run_toy(config) -> dict:
                      "first_check_prob": toy.first_check_prob, "repeat_check_prob": toy.repeat_check_prob},
         "training": training_summary(curves),
     }
+    result["claims"] = claims(rows, result["training"])
     (out_dir / "toy_replication.json").write_text(json.dumps(result, indent=1))
     (out_dir / "toy_replication.md").write_text(markdown(rows, share))
     shutil.copy2(out_dir / "eval_t1" / "scaling_law.png", out_dir / "toy_scaling_law.png")
