@@ -735,6 +735,8 @@ class Trainer:
             "rollout/logprob_gap": float(gap.mean()) if gap.size else 0.0,
             "rollout/tied_group_fraction": float(np.mean(tied)),  # of the groups in the update batch
             "policy/loss_token_fraction": float(loss_mask.sum() / max(on_response.sum(), 1)),
+            # loss tokens of groups with all-zero advantages (0 under drop_tied_groups and dynamic sampling)
+            "policy/tied_loss_token_fraction": float((loss_mask & tied[:, None]).sum() / max(loss_mask.sum(), 1)),
             "throughput/rollout_tokens_per_s": generated_tokens / max(timings["time/rollout_s"], 1e-9),
             "throughput/update_tokens_per_s": (float(roll.input_mask.sum()) * self.config.train.epochs_per_rollout
                                                / max(timings["time/update_s"], 1e-9)),
