@@ -115,7 +115,8 @@ def compute_model_config(config, cfg: models.ModelConfig) -> models.ModelConfig:
 
 def loss_config(config) -> rl.LossConfig:
     return rl.LossConfig(policy_loss=config.loss.policy_loss, clip_low=config.loss.clip_low,
-                         clip_high=config.loss.clip_high, aggregation=config.loss.aggregation,
+                         clip_high=config.loss.clip_high, clip_ratio_c=config.loss.clip_ratio_c,
+                         aggregation=config.loss.aggregation,
                          budget=config.rollout.budget, kl_weight=config.loss.kl_weight,
                          entropy_weight=config.loss.entropy_weight)
 

@@ -13,6 +13,7 @@ Pipeline (:func:`compute_advantages` runs it end to end under one ``jit``)::
 
     instance_rewards [B, N] = problem_mask * (correct + format_weight * answered)
     sequence_rewards [B]    = sum or mean of instance rewards over real problems
+                              (optional shaping: - length penalty, + DAPO overlong penalty)
     advantages [B]          = estimator over the G samples of each prompt
     token_advantages [B, T] = advantage on every response token
 
@@ -163,6 +164,10 @@ class RewardConfig:
       credit: ``"sequence"`` (the paper) or ``"segment"`` (per-problem credit by segment id).
       length_penalty: λ of the explicit length-penalty baseline the paper shows collapsing: the sequence reward
         becomes ``reward - λ * |y| / budget`` (0 = BCR's pure accuracy reward).
+      overlong_buffer: DAPO's soft overlong punishment (verl ``reward_model.overlong_buffer.len``): the last this many
+        tokens of the budget add :func:`overlong_penalty` to the sequence reward (0 = off).
+      overlong_penalty_factor: The penalty at the budget is ``-overlong_penalty_factor`` (verl
+        ``overlong_buffer.penalty_factor``).
     """
 
     estimator: str = "grpo"
@@ -170,6 +175,8 @@ class RewardConfig:
     format_weight: float = 0.0
     credit: Credit = "sequence"
     length_penalty: float = 0.0
+    overlong_buffer: int = 0
+    overlong_penalty_factor: float = 1.0
 
     def __post_init__(self):
         get_advantage_fn(self.estimator)
@@ -177,6 +184,18 @@ class RewardConfig:
             raise ValueError(f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
         if self.credit not in ("sequence", "segment"):
             raise ValueError(f"credit must be 'sequence' or 'segment', got {self.credit!r}")
+        if self.overlong_buffer < 0 or self.overlong_penalty_factor < 0:
+            raise ValueError(f"overlong_buffer and overlong_penalty_factor must be >= 0, got {self.overlong_buffer}, "
+                             f"{self.overlong_penalty_factor}")
+
+
+def overlong_penalty(response_lengths, budget: int, buffer: int, factor: float = 1.0):
+    """DAPO's soft overlong punishment ``[B]``: 0 up to ``budget - buffer`` response tokens, then linear down to
+    ``-factor`` at ``budget`` (a response cut off by the budget gets the whole ``-factor``)."""
+    if not 0 < buffer <= budget:
+        raise ValueError(f"overlong buffer must be in 1..budget={budget}, got {buffer}")
+    excess = jnp.asarray(response_lengths, jnp.float32) - (budget - buffer)
+    return jnp.minimum(-factor * excess / buffer, 0.0)
 
 
 class Advantages(NamedTuple):
@@ -199,15 +218,19 @@ def compute_advantages(
 ) -> Advantages:
     """Verdicts ``[B, N]`` to token advantages ``[B, T]`` as configured (see module docstring).
 
-    ``response_lengths [B]`` and ``budget`` are needed only for ``config.length_penalty``.
+    ``response_lengths [B]`` and ``budget`` are needed only for ``config.length_penalty`` and
+    ``config.overlong_buffer``.
     """
     estimate = get_advantage_fn(config.estimator)
     per_problem = instance_rewards(correct, answered, problem_mask, config.format_weight)
     rewards = sequence_rewards(per_problem, problem_mask, config.reduction)
+    if (config.length_penalty or config.overlong_buffer) and (response_lengths is None or not budget):
+        raise ValueError("length_penalty and overlong_buffer need response_lengths and budget")
     if config.length_penalty:
-        if response_lengths is None or not budget:
-            raise ValueError("length_penalty needs response_lengths and budget")
         rewards = rewards - config.length_penalty * response_lengths.astype(jnp.float32) / budget
+    if config.overlong_buffer:
+        rewards = rewards + overlong_penalty(response_lengths, budget, config.overlong_buffer,
+                                             config.overlong_penalty_factor)
     advantages = estimate(rewards, group_size)
     if config.credit == "sequence":
         return Advantages(rewards, advantages, token_advantages(advantages, response_mask))
@@ -224,51 +247,90 @@ def compute_advantages(
 # sum the per-token values to the scalar loss. Weights are computed once over a whole mini-batch
 # (before it is split into micro-batches), so accumulating micro-batch gradients gives exactly the
 # mini-batch gradient for every aggregation.
+#
+# Rows without loss tokens (a truncated response under `mask_truncated`, a dropped tied group, an
+# empty response) follow one convention in every aggregation, verl's: such a row adds nothing to any
+# numerator and still counts as a row, so every "seq-mean" divides by all B rows of the mini-batch
+# (verl's `global_batch_size`); token-mean divides by the loss tokens, to which an empty row adds
+# nothing. A masked token leaves the numerator and every denominator together (the opposite is
+# TRL#6369's bug).
 # --------------------------------------------------------------------------------------------------
 
+# verl clamps log(ratio) to +-20 before exp: the ratio stays finite in f32, and past it the gradient is 0.
+LOG_RATIO_CLAMP = 20.0
 
-def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float):
+
+def importance_ratio(logprobs, old_logprobs):
+    """``exp(logp - old_logp)`` with the log-ratio clamped to ``+-LOG_RATIO_CLAMP`` (as verl)."""
+    return jnp.exp(jnp.clip(logprobs - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float,
+                      clip_ratio_c: float = 0.0):
     """PPO's clipped surrogate with separate bounds (DAPO's clip-higher): per-token loss
-    ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)`` and where the clipped term was the smaller one."""
-    ratio = jnp.exp(logprobs - old_logprobs)
+    ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)``, where the clipped term was the smaller one, and where
+    the dual clip bound.
+
+    With ``clip_ratio_c > 0`` (dual-clip PPO, verl's ``clip_ratio_c``), a negative-advantage token's loss is capped
+    at ``-clip_ratio_c * A``: a token whose ratio exploded cannot dominate the batch (its gradient is then 0).
+    """
+    ratio = importance_ratio(logprobs, old_logprobs)
     unclipped = ratio * advantages
     clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
-    return -jnp.minimum(unclipped, clipped), clipped < unclipped
+    per_token = -jnp.minimum(unclipped, clipped)
+    if not clip_ratio_c:
+        return per_token, clipped < unclipped, jnp.zeros(advantages.shape, bool)
+    cap = -clip_ratio_c * advantages
+    dual_clipped = (advantages < 0) & (per_token > cap)
+    return jnp.where(dual_clipped, cap, per_token), clipped < unclipped, dual_clipped
 
 
-def unclipped_surrogate(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float):
+def unclipped_surrogate(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float,
+                        clip_ratio_c: float = 0.0):
     """The importance-weighted policy gradient ``-r A`` without a trust region (a baseline; clip bounds unused)."""
-    del clip_low, clip_high
-    return -jnp.exp(logprobs - old_logprobs) * advantages, jnp.zeros(advantages.shape, bool)
+    del clip_low, clip_high, clip_ratio_c
+    never = jnp.zeros(advantages.shape, bool)
+    return -importance_ratio(logprobs, old_logprobs) * advantages, never, never
 
 
 POLICY_LOSSES = {"clipped": clipped_surrogate, "unclipped": unclipped_surrogate}
 
 
 def token_mean_weights(loss_mask, budget: int):
-    """Every loss token of the batch counts equally (DAPO)."""
+    """Every loss token of the mini-batch counts equally (DAPO; verl ``token-mean``)."""
     del budget
     mask = loss_mask.astype(jnp.float32)
     return mask / jnp.maximum(mask.sum(), 1.0)
 
 
+def seq_mean_token_sum_weights(loss_mask, budget: int):
+    """Each row's token sum, then the mean over all rows (verl ``seq-mean-token-sum``): long responses weigh more."""
+    del budget
+    mask = loss_mask.astype(jnp.float32)
+    return mask / mask.shape[0]
+
+
 def seq_mean_token_mean_weights(loss_mask, budget: int):
-    """Mean over each sequence's tokens, then over the sequences that have any (the original GRPO)."""
+    """Mean over each row's loss tokens, then over all rows (the original GRPO; verl ``seq-mean-token-mean``)."""
     del budget
     mask = loss_mask.astype(jnp.float32)
     tokens_per_row = mask.sum(axis=1, keepdims=True)
-    rows_with_tokens = jnp.maximum(jnp.sum(tokens_per_row > 0), 1)
-    return mask / jnp.maximum(tokens_per_row, 1.0) / rows_with_tokens
+    return mask / jnp.maximum(tokens_per_row, 1.0) / mask.shape[0]
 
 
 def seq_mean_token_sum_norm_weights(loss_mask, budget: int):
-    """Dr. GRPO: each sequence's token sum over a constant, the budget, then the mean over rows -- no length bias."""
+    """Dr. GRPO: each row's token sum over a constant, the budget, then the mean over all rows -- no length bias.
+
+    verl's ``seq-mean-token-sum-norm`` divides the summed row losses by ``loss_scale_factor``; this is that with
+    ``loss_scale_factor = budget * rows`` (Dr. GRPO's ``1/G sum_i sum_t / L_max``), fixed for a given batch shape.
+    """
     mask = loss_mask.astype(jnp.float32)
     return mask / (budget * mask.shape[0])
 
 
 AGGREGATIONS = {
     "token-mean": token_mean_weights,
+    "seq-mean-token-sum": seq_mean_token_sum_weights,
     "seq-mean-token-mean": seq_mean_token_mean_weights,
     "seq-mean-token-sum-norm": seq_mean_token_sum_norm_weights,
 }
@@ -288,6 +350,7 @@ class LossConfig:
     Attributes:
       policy_loss: A key of :data:`POLICY_LOSSES`.
       clip_low / clip_high: Ratio bounds ``[1 - clip_low, 1 + clip_high]``.
+      clip_ratio_c: Dual-clip bound on negative-advantage tokens (verl ``clip_ratio_c``); 0 = off, else > 1.
       aggregation: A key of :data:`AGGREGATIONS`.
       budget: The response budget (``seq-mean-token-sum-norm`` divides by it).
       kl_weight: Weight of the k3 KL to reference log-probs (0: none needed).
@@ -297,6 +360,7 @@ class LossConfig:
     policy_loss: str = "clipped"
     clip_low: float = 0.2
     clip_high: float = 0.28
+    clip_ratio_c: float = 0.0
     aggregation: str = "token-mean"
     budget: int = 1
     kl_weight: float = 0.0
@@ -310,6 +374,9 @@ class LossConfig:
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise ValueError(f"clip bounds need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, "
                              f"{self.clip_high}")
+        if self.clip_ratio_c and not (self.clip_ratio_c > 1 and self.policy_loss == "clipped"):
+            raise ValueError(f"clip_ratio_c (dual clip) must be 0 (off) or > 1 with policy_loss='clipped', got "
+                             f"{self.clip_ratio_c} with {self.policy_loss!r}")
         if self.budget < 1:
             raise ValueError(f"budget must be >= 1, got {self.budget}")
 
@@ -323,14 +390,16 @@ def policy_loss(config: LossConfig, logprobs, old_logprobs, advantages, weights,
     """The scalar loss ``sum(weights * per-token loss)`` and token sums for metrics.
 
     ``weights`` come from :func:`loss_weights` (zero off the loss mask). Returns ``(loss, sums)``; ``sums`` holds
-    ``tokens``, ``clipped``, ``kl`` and ``entropy`` summed over the loss tokens (divide by ``tokens`` for means),
-    so that micro-batch results add up.
+    ``tokens``, ``clipped`` (and ``dual_clipped`` with the dual clip on), ``kl`` and ``entropy`` summed over the loss
+    tokens (divide by ``tokens`` for means), so that micro-batch results add up.
     """
-    per_token, was_clipped = POLICY_LOSSES[config.policy_loss](
-        logprobs, old_logprobs, advantages, config.clip_low, config.clip_high)
+    per_token, was_clipped, was_dual_clipped = POLICY_LOSSES[config.policy_loss](
+        logprobs, old_logprobs, advantages, config.clip_low, config.clip_high, config.clip_ratio_c)
     on_loss = weights > 0
     sums = {"tokens": on_loss.sum().astype(jnp.float32),
             "clipped": jnp.sum(was_clipped & on_loss).astype(jnp.float32)}
+    if config.clip_ratio_c:
+        sums["dual_clipped"] = jnp.sum(was_dual_clipped & on_loss).astype(jnp.float32)
     if config.kl_weight:
         kl = k3_kl(logprobs, ref_logprobs)
         per_token = per_token + config.kl_weight * kl
@@ -344,7 +413,11 @@ def policy_loss(config: LossConfig, logprobs, old_logprobs, advantages, weights,
 
 
 def tied_groups(rewards, group_size: int):
-    """``[B]`` bool: the row's group has all-equal rewards (its GRPO advantages are all 0)."""
-    grouped = rewards.reshape(-1, group_size)
-    tied = jnp.all(grouped == grouped[:, :1], axis=1)
+    """``[B]`` bool: the row's group has all-equal rewards (its GRPO advantages are all 0).
+
+    ``rewards`` is ``[B]`` or ``[B, K]``; with K columns (e.g. the sequence reward beside each problem's reward, for
+    segment credit) a group is tied only if every column ties across its G samples.
+    """
+    grouped = rewards.reshape(-1, group_size, *rewards.shape[1:])
+    tied = jnp.all(grouped == grouped[:, :1], axis=tuple(range(1, grouped.ndim)))
     return jnp.repeat(tied, group_size)

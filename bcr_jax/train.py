@@ -6,6 +6,8 @@ One training step (rows are prompt-major: row p * G + g is sample g of prompt p)
     sampling.generate(G samples per prompt, max_new_tokens = the shared budget)      [device, current params]
     decode → bcr.split_answers → grading (worker processes, started at once)          [host, in a thread]
         meanwhile: old log-probs by teacher forcing under the rollout params          [device]
+    [rollout.dynamic_sampling: groups whose advantages are all 0 are dropped and rounds of P fresh groups are
+     sampled, graded and scored the same way until P informative groups are found or the rounds run out]
     rl.compute_advantages (rewards → group-normalised → per-token)                    [device]
     μ passes over the rollout in mini-batches; each mini-batch one optimizer step, its gradient accumulated
     over micro-batches inside one jitted `update_step`                                [device]
@@ -19,8 +21,8 @@ but peak memory. A non-finite loss or gradient norm skips the update (params and
 counts it.
 
 Exact resume: the checkpoint holds the TrainState (params, optimizer state, update count, RNG, skipped count) and
-the data iterator's position; a step's sampling seed is drawn from the state's RNG, so a resumed run repeats the
-uninterrupted one.
+the data iterator's position; a step's sampling seed is drawn from the state's RNG (a resampling round's from the
+same key folded with the round's index), so a resumed run repeats the uninterrupted one.
 
 Several processes (`config.distributed`, bcr_jax/distributed.py): the mesh spans every process's devices and every
 process runs this same loop. Each packs the prompts of its block of the step's groups and decodes, splits and grades
@@ -188,6 +190,8 @@ def make_update_step(cfg: models.ModelConfig, optimizer, loss_config: rl.LossCon
                    "policy/loss_tokens": sums["tokens"]}
         if "kl" in sums:
             metrics["policy/kl"] = sums["kl"] / tokens
+        if "dual_clipped" in sums:
+            metrics["policy/dual_clip_fraction"] = sums["dual_clipped"] / tokens
         if learning_rate is not None:  # optax counts applied updates only
             metrics["optim/learning_rate"] = learning_rate(state.step - state.skipped_updates)
         return new_state, metrics
@@ -262,17 +266,27 @@ def validate(config) -> None:
     need(rollout.temperature >= 0, "rollout.temperature", "must be >= 0")
     need(rollout.dtype in ("", "float32", "bfloat16"), "rollout.dtype", f"{rollout.dtype!r}; choose '', float32 "
          "or bfloat16")
+    need(isinstance(rollout.dynamic_sampling, bool), "rollout.dynamic_sampling", "must be True or False")
+    need(rollout.max_resample_rounds >= 0, "rollout.max_resample_rounds", f"must be >= 0, got "
+         f"{rollout.max_resample_rounds}")
     need(config.reward.estimator in rl.ADVANTAGE_ESTIMATORS, "reward.estimator",
          f"{config.reward.estimator!r}; choose from {', '.join(rl.ADVANTAGE_ESTIMATORS)}")
     need(config.reward.reduction in ("sum", "mean"), "reward.reduction", "choose sum or mean")
     need(config.reward.credit in ("sequence", "segment"), "reward.credit", "choose sequence or segment")
     need(config.reward.length_penalty >= 0, "reward.length_penalty", "must be >= 0")
+    need(0 <= config.reward.overlong_buffer <= rollout.budget, "reward.overlong_buffer", f"must be in 0..rollout.budget"
+         f"={rollout.budget} (tokens; 0 = off), got {config.reward.overlong_buffer}")
+    need(config.reward.overlong_penalty_factor >= 0, "reward.overlong_penalty_factor", "must be >= 0")
     need(config.loss.policy_loss in rl.POLICY_LOSSES, "loss.policy_loss", f"{config.loss.policy_loss!r}; choose "
          f"from {', '.join(rl.POLICY_LOSSES)}")
     need(config.loss.aggregation in rl.AGGREGATIONS, "loss.aggregation", f"{config.loss.aggregation!r}; choose "
          f"from {', '.join(rl.AGGREGATIONS)}")
     need(0 <= config.loss.clip_low < 1, "loss.clip_low", "must be in [0, 1)")
     need(config.loss.clip_high >= 0, "loss.clip_high", "must be >= 0")
+    need(config.loss.clip_ratio_c == 0 or config.loss.clip_ratio_c > 1, "loss.clip_ratio_c",
+         f"must be 0 (off) or > 1, got {config.loss.clip_ratio_c}")
+    need(config.loss.clip_ratio_c == 0 or config.loss.policy_loss == "clipped", "loss.clip_ratio_c",
+         f"the dual clip needs policy_loss='clipped', not {config.loss.policy_loss!r}")
     need(config.optim.schedule in ("constant", "cosine", "linear"), "optim.schedule", "choose constant, cosine or "
          "linear")
     need(config.optim.learning_rate >= 0, "optim.learning_rate", "must be >= 0")
@@ -427,6 +441,85 @@ def _gather_grades(correct: np.ndarray, counters: dict[str, float], num_groups: 
     return correct, {f"grading/{name}": float(t) for name, t in zip(VERDICT_NAMES, totals) if t}
 
 
+# ------------------------------------------------------------------------------------------------ dynamic sampling
+
+class Sampled(NamedTuple):
+    """A graded rollout with its log-probs: one sampling round, or the step's picked groups of several."""
+
+    rollout: Rollout
+    correct: np.ndarray  # [B, N] bool
+    old_logprobs: np.ndarray  # [B, T] float32, under the rollout params
+    ref_logprobs: np.ndarray  # [B, T] float32 (zeros when the KL weight is 0)
+    grading_counters: dict[str, float]
+
+
+def zero_advantage_groups(sequence_rewards, group_size: int, instance_rewards=None) -> np.ndarray:
+    """``[P]`` bool: every advantage of the group is 0 -- its sequence rewards ``[B]`` tie across its G samples and,
+    for segment credit, so do its per-problem rewards ``[B, N]`` (BCR: equal mean accuracy over the N problems is
+    not enough when the samples got different problems right)."""
+    rewards = np.asarray(sequence_rewards, np.float32)[:, None]
+    if instance_rewards is not None:
+        rewards = np.concatenate([rewards, np.asarray(instance_rewards, np.float32)], axis=1)
+    return np.asarray(rl.tied_groups(jnp.asarray(rewards), group_size))[::group_size]
+
+
+def dynamic_sampling_picks(tied_per_round, groups_per_step: int) -> tuple[list[tuple[int, int]], int]:
+    """DAPO's group filter over the rounds sampled so far (``tied_per_round``: a ``[P]`` bool per round).
+
+    Returns the step's ``(round, group)`` picks and how many of them are informative: the informative (untied)
+    groups in sampling order, cut to P (as verl keeps the first ``train_batch_size``); if the rounds ran out before
+    P were found, tied groups fill the rest (the trainer takes them out of the loss).
+    """
+    informative = [(r, int(g)) for r, tied in enumerate(tied_per_round) for g in np.flatnonzero(~tied)]
+    tied_groups = [(r, int(g)) for r, tied in enumerate(tied_per_round) for g in np.flatnonzero(tied)]
+    kept = min(len(informative), groups_per_step)
+    return informative[:kept] + tied_groups[:groups_per_step - kept], kept
+
+
+def take_groups(rounds: list[Sampled], picks: list[tuple[int, int]], group_size: int, pad_id: int) -> Sampled:
+    """The rows of the picked ``(round, group)`` groups as one Sampled, right-padded to the widest round.
+
+    The result carries no texts (`responses`, `answers`, `golds`: they were graded in their round); every array it
+    holds is the whole step's on every process, so each process picks the same rows.
+    """
+    if len(rounds) == 1 and picks == [(0, g) for g in range(len(rounds[0].correct) // group_size)]:
+        return rounds[0]  # one round, all of it: the step without dynamic sampling
+    width = max(rounds[r].rollout.tokens.shape[1] for r, _ in picks)
+
+    def stack(get, fill=None):
+        parts = []
+        for r, g in picks:
+            part = get(rounds[r])
+            if part is None:
+                return None
+            part = part[g * group_size:(g + 1) * group_size]
+            if fill is not None:  # a [rows, T] array of a narrower round
+                part = np.pad(part, ((0, 0), (0, width - part.shape[1])), constant_values=fill)
+            parts.append(part)
+        return np.concatenate(parts)
+
+    field = lambda name: (lambda sampled: getattr(sampled.rollout, name))
+    roll = Rollout(tokens=stack(field("tokens"), pad_id), input_mask=stack(field("input_mask"), False),
+                   response_mask=stack(field("response_mask"), False),
+                   sampler_logprobs=stack(field("sampler_logprobs"), 0.0),
+                   response_lengths=stack(field("response_lengths")), truncated=stack(field("truncated")),
+                   responses=[], answers=[], golds=[], segment_ids=stack(field("segment_ids"), 0),
+                   answered=stack(field("answered")), text_counts=stack(field("text_counts")), own_rows=slice(0, 0))
+    counters: dict[str, float] = {}
+    for sampled in rounds:  # every graded row counts, kept or not
+        for key, value in sampled.grading_counters.items():
+            counters[key] = counters.get(key, 0.0) + value
+    return Sampled(roll, stack(lambda x: x.correct), stack(lambda x: x.old_logprobs, 0.0),
+                   stack(lambda x: x.ref_logprobs, 0.0), counters)
+
+
+def loss_mask(response_mask: np.ndarray, excluded_rows: np.ndarray) -> np.ndarray:
+    """The loss tokens ``[B, T]``: the response tokens of the rows not excluded. An excluded row (truncated under
+    `mask_truncated`, tied under `drop_tied_groups`, a dynamic-sampling filler) keeps no token and follows rl's
+    convention for rows without loss tokens."""
+    return response_mask & ~np.asarray(excluded_rows, bool)[:, None]
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 class Trainer:
@@ -467,12 +560,13 @@ class Trainer:
         self.optimizer = make_optimizer(config, total_updates)
         self.loss_config = rl.LossConfig(
             policy_loss=config.loss.policy_loss, clip_low=config.loss.clip_low, clip_high=config.loss.clip_high,
-            aggregation=config.loss.aggregation, budget=config.rollout.budget, kl_weight=config.loss.kl_weight,
-            entropy_weight=config.loss.entropy_weight)
+            clip_ratio_c=config.loss.clip_ratio_c, aggregation=config.loss.aggregation, budget=config.rollout.budget,
+            kl_weight=config.loss.kl_weight, entropy_weight=config.loss.entropy_weight)
         self.reward_config = rl.RewardConfig(
             estimator=config.reward.estimator, reduction=config.reward.reduction,
             format_weight=config.reward.format_weight, credit=config.reward.credit,
-            length_penalty=config.reward.length_penalty)
+            length_penalty=config.reward.length_penalty, overlong_buffer=config.reward.overlong_buffer,
+            overlong_penalty_factor=config.reward.overlong_penalty_factor)
         self.temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
         self.shardings = state_shardings(self.optimizer, models.param_shapes(self.cfg), self.mesh)
         self.update_step = jit_update_step(
@@ -499,14 +593,22 @@ class Trainer:
             jnp.asarray(rollout.response_lengths), self.config.rollout.budget)
         return jax.device_get(result), answered
 
-    def loss_mask(self, rollout: Rollout, sequence_rewards: np.ndarray) -> np.ndarray:
-        mask = rollout.response_mask.copy()
+    def tied_rows(self, rollout: Rollout, correct: np.ndarray, sequence_rewards: np.ndarray) -> np.ndarray:
+        """``[B]`` bool: the row's group has all-zero advantages (see `zero_advantage_groups`)."""
+        G = self.config.rollout.samples_per_prompt
+        instance = None
+        if self.config.reward.credit == "segment":
+            instance = rl.instance_rewards(jnp.asarray(correct), jnp.asarray(rollout.answered),
+                                           jnp.ones(correct.shape, bool), self.config.reward.format_weight)
+        return np.repeat(zero_advantage_groups(sequence_rewards, G, instance), G)
+
+    def loss_mask(self, rollout: Rollout, tied_rows: np.ndarray, filler_rows: np.ndarray) -> np.ndarray:
+        excluded = filler_rows.copy()
         if self.config.loss.mask_truncated:
-            mask &= ~rollout.truncated[:, None]
+            excluded |= rollout.truncated
         if self.config.loss.drop_tied_groups:
-            tied = np.asarray(rl.tied_groups(jnp.asarray(sequence_rewards), self.config.rollout.samples_per_prompt))
-            mask &= ~tied[:, None]
-        return mask
+            excluded |= tied_rows
+        return loss_mask(rollout.response_mask, excluded)
 
     def update_batches(self, rollout: Rollout, token_advantages, old_logprobs, ref_logprobs, loss_mask, rng):
         """μ epochs of shuffled mini-batches, each with aggregation weights over the whole mini-batch."""
@@ -525,58 +627,100 @@ class Trainer:
 
     # -- a step ----------------------------------------------------------------------------------
 
-    def step(self, state: TrainState, step_index: int, grader, ref_params=None) -> tuple[TrainState, dict]:
-        config, timings = self.config, {}
-        start = time.perf_counter()
-        groups = [next(self.iterator) for _ in range(config.rollout.prompts_per_step)]
-        rng, sample_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-        seed = int(jax.random.randint(sample_key, (), 0, 2**31 - 1))
-        shuffle_rng = np.random.default_rng(seed)
-        state = state.replace(rng=jax.device_put(jax.random.key_data(rng), self.shardings.rng))
-        rollout_params = self.rollout_params(state.params)
-        roll = rollout(config, self.rollout_cfg, rollout_params, self.tokenizer, groups, seed=seed, mesh=self.mesh)
-        timings["time/rollout_s"] = time.perf_counter() - start
+    def sample_round(self, params, groups, seed: int, grader, ref_params, timings: dict) -> Sampled:
+        """Samples, grades and scores (old and reference log-probs) one round of groups."""
+        config = self.config
+        t0 = time.perf_counter()
+        roll = rollout(config, self.rollout_cfg, params, self.tokenizer, groups, seed=seed, mesh=self.mesh)
+        _add_time(timings, "time/rollout_s", t0)
 
         # Grading runs in worker processes while the device recomputes old log-probs.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             graded = pool.submit(_grade, grader, roll.answers, roll.golds)
             t0 = time.perf_counter()
             chunk = self.micro_rows
-            old_logprobs = teacher_forced_logprobs(self.rollout_cfg, rollout_params, roll.tokens, roll.input_mask,
+            old_logprobs = teacher_forced_logprobs(self.rollout_cfg, params, roll.tokens, roll.input_mask,
                                                    chunk_rows=chunk, temperature=self.temperature, mesh=self.mesh)
             if ref_params is not None:
                 ref_logprobs = teacher_forced_logprobs(self.compute_cfg, ref_params, roll.tokens, roll.input_mask,
                                                        chunk_rows=chunk, temperature=self.temperature, mesh=self.mesh)
             else:
                 ref_logprobs = np.zeros_like(old_logprobs)
-            timings["time/logprobs_s"] = time.perf_counter() - t0
+            _add_time(timings, "time/logprobs_s", t0)
             t0 = time.perf_counter()
             correct, grading_counters = graded.result()
             correct, grading_counters = _gather_grades(correct, grading_counters, len(groups),
                                                        config.rollout.samples_per_prompt, self.n)
-            timings["time/grading_wait_s"] = time.perf_counter() - t0
+            _add_time(timings, "time/grading_wait_s", t0)
+        return Sampled(roll, correct, old_logprobs, ref_logprobs, grading_counters)
+
+    def step(self, state: TrainState, step_index: int, grader, ref_params=None) -> tuple[TrainState, dict]:
+        config, timings = self.config, {}
+        P, G = config.rollout.prompts_per_step, config.rollout.samples_per_prompt
+        dynamic = config.rollout.dynamic_sampling
+        start = time.perf_counter()
+        rng, sample_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        seed = int(jax.random.randint(sample_key, (), 0, 2**31 - 1))
+        shuffle_rng = np.random.default_rng(seed)
+        state = state.replace(rng=jax.device_put(jax.random.key_data(rng), self.shardings.rng))
+        rollout_params = self.rollout_params(state.params)
+
+        # Dynamic sampling (DAPO): rounds of P fresh groups until P informative ones are found or the rounds run out.
+        # Every round's prompts come from the iterator, so its checkpointed position stays exact.
+        rounds, tied_per_round = [], []
+        for round_index in range(1 + (config.rollout.max_resample_rounds if dynamic else 0)):
+            groups = [next(self.iterator) for _ in range(P)]
+            round_seed = seed if round_index == 0 else int(jax.random.randint(
+                jax.random.fold_in(sample_key, round_index), (), 0, 2**31 - 1))
+            sampled = self.sample_round(rollout_params, groups, round_seed, grader, ref_params, timings)
+            rounds.append(sampled)
+            if not dynamic:
+                break
+            round_rewards = self.advantages(sampled.rollout, sampled.correct)[0].sequence_rewards
+            tied_per_round.append(self.tied_rows(sampled.rollout, sampled.correct, round_rewards)[::G])
+            if sum(int((~tied).sum()) for tied in tied_per_round) >= P:
+                break
         del rollout_params
+        if dynamic:
+            picks, kept = dynamic_sampling_picks(tied_per_round, P)
+            if kept < P:
+                distributed.log(f"warning: step {step_index}: dynamic sampling found {kept} of {P} groups with a "
+                                f"learning signal in {len(rounds)} rounds (rollout.max_resample_rounds="
+                                f"{config.rollout.max_resample_rounds}); tied groups fill the rest, outside the loss")
+        else:
+            picks, kept = [(0, g) for g in range(P)], P
+        batch = take_groups(rounds, picks, G, self.tokenizer.pad_id)
+        roll, correct = batch.rollout, batch.correct
 
         adv, answered = self.advantages(roll, correct)
-        loss_mask = self.loss_mask(roll, adv.sequence_rewards)
+        tied = self.tied_rows(roll, correct, np.asarray(adv.sequence_rewards))
+        filler = np.repeat(np.arange(P) >= kept, G)
+        loss_mask = self.loss_mask(roll, tied, filler)
         t0 = time.perf_counter()
         update_metrics = []  # device arrays, fetched once after the loop: updates are dispatched back to back
-        for batch in self.update_batches(roll, adv.token_advantages, old_logprobs, ref_logprobs, loss_mask,
-                                         shuffle_rng):
-            batch = UpdateBatch(*(distributed.put(a, self.batch_sharding) for a in batch))  # each host: its rows
-            state, metrics = self.update_step(state, batch)
+        for update_batch in self.update_batches(roll, adv.token_advantages, batch.old_logprobs, batch.ref_logprobs,
+                                                loss_mask, shuffle_rng):
+            update_batch = UpdateBatch(*(distributed.put(a, self.batch_sharding) for a in update_batch))  # own rows
+            state, metrics = self.update_step(state, update_batch)
             update_metrics.append(metrics)
         update_metrics = jax.device_get(update_metrics)
         timings["time/update_s"] = time.perf_counter() - t0
         timings["time/step_s"] = time.perf_counter() - start
 
-        scalars = self._step_metrics(roll, correct, answered, adv, old_logprobs, loss_mask, update_metrics, timings)
-        scalars.update(grading_counters)
+        generated = float(sum(s.rollout.response_lengths.sum() for s in rounds))  # every round's tokens
+        scalars = self._step_metrics(roll, correct, answered, adv, batch.old_logprobs, loss_mask, tied,
+                                     update_metrics, timings, generated)
+        scalars.update(batch.grading_counters)
+        scalars["rollout/prompts_consumed"] = float(len(rounds) * P)
+        if dynamic:
+            scalars["rollout/kept_groups"] = float(kept)
+            scalars["rollout/resample_rounds"] = float(len(rounds) - 1)
+            scalars["accuracy/sampled"] = float(np.mean([s.correct.mean() for s in rounds]))  # all rounds: unbiased
         scalars["optim/skipped_updates"] = float(state.skipped_updates)
         return state, scalars
 
-    def _step_metrics(self, roll, correct, answered, adv, old_logprobs, loss_mask, update_metrics, timings):
-        response_tokens = float(roll.response_lengths.sum())
+    def _step_metrics(self, roll, correct, answered, adv, old_logprobs, loss_mask, tied, update_metrics, timings,
+                      generated_tokens):
         on_response = roll.response_mask
         gap = np.abs(roll.sampler_logprobs - old_logprobs)[on_response]
         scalars = {
@@ -589,21 +733,32 @@ class Trainer:
             "rollout/response_length": float(roll.response_lengths.mean()),
             "rollout/truncation_rate": float(roll.truncated.mean()),
             "rollout/logprob_gap": float(gap.mean()) if gap.size else 0.0,
-            "rollout/tied_group_fraction": float(np.mean(np.asarray(
-                rl.tied_groups(jnp.asarray(adv.sequence_rewards), self.config.rollout.samples_per_prompt)))),
+            "rollout/tied_group_fraction": float(np.mean(tied)),  # of the groups in the update batch
             "policy/loss_token_fraction": float(loss_mask.sum() / max(on_response.sum(), 1)),
-            "throughput/rollout_tokens_per_s": response_tokens / max(timings["time/rollout_s"], 1e-9),
+            # loss tokens of groups with all-zero advantages (0 under drop_tied_groups and dynamic sampling)
+            "policy/tied_loss_token_fraction": float((loss_mask & tied[:, None]).sum() / max(loss_mask.sum(), 1)),
+            "throughput/rollout_tokens_per_s": generated_tokens / max(timings["time/rollout_s"], 1e-9),
             "throughput/update_tokens_per_s": (float(roll.input_mask.sum()) * self.config.train.epochs_per_rollout
                                                / max(timings["time/update_s"], 1e-9)),
             **timings,
         }
         for k in range(self.n):
             scalars[f"accuracy/position_{k + 1}"] = float(correct[:, k].mean())
+        if self.config.reward.overlong_buffer:  # DAPO's shaping, apart from accuracy (reward/mean includes it)
+            penalty = np.asarray(rl.overlong_penalty(roll.response_lengths, self.config.rollout.budget,
+                                                     self.config.reward.overlong_buffer,
+                                                     self.config.reward.overlong_penalty_factor))
+            scalars["reward/overlong_penalty"] = float(penalty.mean())
+            scalars["reward/overlong_fraction"] = float(np.mean(penalty < 0))
         if self.config.train.count_text:  # e.g. the toy world's redundant "check " lines
             scalars["rollout/count_per_problem"] = float(np.mean(roll.text_counts) / self.n)
         for key in update_metrics[0]:
             scalars[key] = float(np.mean([m[key] for m in update_metrics]))
         return scalars
+
+
+def _add_time(timings: dict, key: str, since: float) -> None:
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - since  # summed over a step's sampling rounds
 
 
 def check_golds(problems, grader, sample_size: int, seed: int) -> grading.GoldReport:

@@ -58,6 +58,11 @@ def get_config() -> config_dict.ConfigDict:
     config.rollout.require_think_close = False  # read answers only after the last </think>
     config.rollout.decode_blocks = 4  # KV cache grows in this many blocks (see sampling.generate)
     config.rollout.dtype = ""  # "" = the compute dtype; bfloat16 casts a rollout copy once per step
+    # DAPO's dynamic sampling (verl algorithm.filter_groups, metric seq_final_reward): groups whose advantages are all 0
+    # are dropped and rounds of P fresh groups sampled until P remain; extra rounds at most max_resample_rounds (verl
+    # max_num_gen_batches - 1), then tied groups fill the step outside the loss (logged: rollout/kept_groups)
+    config.rollout.dynamic_sampling = False
+    config.rollout.max_resample_rounds = 9
 
     config.reward = config_dict.ConfigDict()
     config.reward.estimator = "grpo"  # rl.ADVANTAGE_ESTIMATORS: grpo | dr_grpo
@@ -65,12 +70,19 @@ def get_config() -> config_dict.ConfigDict:
     config.reward.format_weight = 0.0  # reward per well-formed answer (the paper: 0)
     config.reward.credit = "sequence"  # sequence (the paper) | segment (each problem's tokens get its advantage)
     config.reward.length_penalty = 0.0  # lambda of the explicit baseline: reward - lambda * |y| / budget
+    # DAPO's soft overlong punishment (verl reward_model.overlong_buffer.len / .penalty_factor): tokens of the budget's
+    # last stretch; reward += min(0, -factor * (|y| - (budget - buffer)) / buffer), -factor at the budget. 0 = off
+    config.reward.overlong_buffer = 0
+    config.reward.overlong_penalty_factor = 1.0
 
     config.loss = config_dict.ConfigDict()
     config.loss.policy_loss = "clipped"  # rl.POLICY_LOSSES
     config.loss.clip_low = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high] (clip-higher)
     config.loss.clip_high = 0.28
-    config.loss.aggregation = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    config.loss.clip_ratio_c = 0.0  # dual clip (verl clip_ratio_c, 3.0 there): A < 0 tokens' loss <= -c A; 0 = off
+    # rl.AGGREGATIONS (verl loss_agg_mode): token-mean | seq-mean-token-sum | seq-mean-token-mean
+    # | seq-mean-token-sum-norm (Dr. GRPO, / budget). Rows without loss tokens count as rows in every seq-mean
+    config.loss.aggregation = "token-mean"
     config.loss.mask_truncated = False  # drop responses cut off by the budget from the loss
     config.loss.drop_tied_groups = False  # drop groups whose rewards all tie (zero advantage anyway)
     config.loss.kl_weight = 0.0  # k3 KL to the frozen initial params (0: no reference params allocated)

@@ -122,10 +122,11 @@ def test_gs_workdirs_keep_their_scheme_and_training_refuses_them():
 # Variables from which jax.distributed would detect a cluster (the tests may run inside a Slurm job).
 _CLUSTER_PREFIXES = ("SLURM_", "TPU_", "CLOUD_TPU_", "MEGASCALE_", "OMPI_")
 # 64 rows a step; two mini-batches of 32 (each mixing both processes' groups), of two micro-batches each; segment
-# credit and a text count: every per-row result the processes gather.
+# credit and a text count: every per-row result the processes gather; dynamic sampling: the step's groups are picked
+# from several rounds, each graded by both processes.
 TRAIN = ["--config", "configs/tiny.py", "--config.total_steps=2", "--config.checkpoint_every=1",
          "--config.rollout.prompts_per_step=8", "--config.train.mini_batch_size=32", "--config.train.micro_batch_size=16",
-         "--config.reward.credit=segment", "--config.train.count_text=boxed"]
+         "--config.reward.credit=segment", "--config.train.count_text=boxed", "--config.rollout.dynamic_sampling=True"]
 JOB_TIMEOUT_S = 600
 
 
@@ -270,6 +271,7 @@ def test_two_processes_train_like_one(jobs):
             else:
                 assert row_1[key] == pytest.approx(row_2[key], rel=1e-4, abs=1e-6), key
     assert any(k.startswith("grading/") for k in rows_2[0])  # the verdicts of both processes were counted
+    assert all(r["rollout/resample_rounds"] > 0 and r["rollout/kept_groups"] == 8 for r in rows_2)  # groups picked
 
     # Only process 0 wrote the console lines and logs; the other computed.
     job = jobs["train_double"]

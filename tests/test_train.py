@@ -105,6 +105,63 @@ def test_non_finite_loss_skips_the_update_and_counts_it():
     assert _max_diff(before.opt_state, after.opt_state) == 0
 
 
+# ------------------------------------------------------------------------------------------------ dynamic sampling
+
+def test_dynamic_sampling_picks_informative_groups_in_order_then_fillers():
+    tied = [np.array([True, False, True, True]), np.array([False, True, False, True])]
+    picks, kept = train.dynamic_sampling_picks(tied, 4)
+    assert picks == [(0, 1), (1, 0), (1, 2), (0, 0)] and kept == 3  # 3 informative, then the first tied group
+    picks, kept = train.dynamic_sampling_picks(tied + [np.array([False, False, True, False])], 4)
+    assert picks == [(0, 1), (1, 0), (1, 2), (2, 0)] and kept == 4  # cut to P, as verl's batch[:traj_bsz]
+
+
+def test_zero_advantage_groups_with_bcr_groups_of_three_problems():
+    # G = 2 samples of 3 prompts with N = 3 problems each. Prompt 0: both samples get 2 of 3 right, different ones;
+    # prompt 1: identical verdicts; prompt 2: different accuracy.
+    correct = np.array([[1, 1, 0], [0, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]], np.float32)
+    sequence = correct.mean(axis=1)
+    assert train.zero_advantage_groups(sequence, 2).tolist() == [True, True, False]  # sequence credit
+    # Segment credit: prompt 0's problems carry per-problem advantages, so it is not tied.
+    assert train.zero_advantage_groups(sequence, 2, correct).tolist() == [False, True, False]
+    advantages = rl.compute_advantages(rl.RewardConfig(credit="segment"), 2, jnp.asarray(correct > 0),
+                                       jnp.asarray(correct > 0), jnp.ones((6, 3), bool), jnp.ones((6, 3), bool),
+                                       jnp.asarray(np.tile([1, 2, 3], (6, 1)), jnp.int32))
+    assert np.any(np.asarray(advantages.token_advantages)[:2] != 0)  # what dropping prompt 0 would lose
+
+
+def _sampled(width, rows, seed, segment=True):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, width - 3, rows)
+    response_mask = (np.arange(width) >= 3) & (np.arange(width) < 3 + lengths[:, None])
+    roll = train.Rollout(tokens=rng.integers(1, 50, (rows, width)).astype(np.int32),
+                         input_mask=np.arange(width) < 3 + lengths[:, None], response_mask=response_mask,
+                         sampler_logprobs=rng.normal(size=(rows, width)).astype(np.float32),
+                         response_lengths=lengths.astype(np.int32), truncated=rng.random(rows) < 0.5,
+                         responses=["x"] * rows, answers=[["1"]] * rows, golds=[["1"]] * rows,
+                         segment_ids=rng.integers(0, 2, (rows, width)).astype(np.int32) if segment else None,
+                         answered=rng.random((rows, 1)) < 0.5, text_counts=None, own_rows=slice(0, rows))
+    return train.Sampled(roll, rng.random((rows, 1)) < 0.5, rng.normal(size=(rows, width)).astype(np.float32),
+                         np.zeros((rows, width), np.float32), {"grading/equal": float(seed + 1)})
+
+
+def test_take_groups_copies_the_picked_rows_and_pads_narrower_rounds():
+    G = 2
+    rounds = [_sampled(8, 6, 0), _sampled(12, 6, 1)]
+    out = train.take_groups(rounds, [(1, 2), (0, 0), (0, 2)], G, pad_id=0)
+    assert out.rollout.tokens.shape == (6, 12) and out.grading_counters == {"grading/equal": 3.0}
+    for i, (r, g) in enumerate([(1, 2), (0, 0), (0, 2)]):
+        src, dst = slice(g * G, (g + 1) * G), slice(i * G, (i + 1) * G)
+        w = rounds[r].rollout.tokens.shape[1]
+        np.testing.assert_array_equal(out.rollout.tokens[dst, :w], rounds[r].rollout.tokens[src])
+        np.testing.assert_array_equal(out.old_logprobs[dst, :w], rounds[r].old_logprobs[src])
+        np.testing.assert_array_equal(out.rollout.segment_ids[dst, :w], rounds[r].rollout.segment_ids[src])
+        np.testing.assert_array_equal(out.correct[dst], rounds[r].correct[src])
+        np.testing.assert_array_equal(out.rollout.truncated[dst], rounds[r].rollout.truncated[src])
+        assert not out.rollout.input_mask[dst, w:].any() and not out.rollout.response_mask[dst, w:].any()
+        assert np.all(out.rollout.tokens[dst, w:] == 0) and np.all(out.old_logprobs[dst, w:] == 0)
+    assert train.take_groups(rounds[:1], [(0, 0), (0, 1), (0, 2)], G, 0) is rounds[0]  # no dynamic sampling
+
+
 # ------------------------------------------------------------------------------------------------ whole runs
 
 def _tiny(workdir, **overrides):
@@ -138,18 +195,56 @@ def test_tiny_config_learns(tmp_path):
     assert max(r["rollout/logprob_gap"] for r in rows) < 1e-4
 
 
+def _checkpoint_meta(workdir, step):
+    return json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+
+
+def test_dynamic_sampling_on_tiny_learns_and_no_tied_group_reaches_the_update(tmp_path):
+    """DAPO's dynamic sampling on the tiny run: no loss token comes from a tied group, the steps train on 16 groups
+    with a learning signal for as long as 21 rounds find them, and the policy's accuracy over everything it sampled
+    (every round: unbiased) rises as in test_tiny_config_learns.
+
+    The tiny policy's entropy collapses within 60 steps (with or without the filter: the plain run ends with ~90% of
+    its groups tied), each prompt then always right or always wrong; after ~43 steps the rounds run out and tied
+    fillers, outside the loss, complete the step (verl raises there)."""
+    config = _tiny(tmp_path, total_steps=60, checkpoint_every=60, **{"rollout.dynamic_sampling": True,
+                                                                     "rollout.max_resample_rounds": 20})
+    train.run_train(config)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    assert all(r["policy/tied_loss_token_fraction"] == 0 for r in rows)
+    full = [r for r in rows if r["rollout/kept_groups"] == 16]
+    assert all(r["rollout/tied_group_fraction"] == 0 for r in full)
+    assert [r["step"] for r in full[:35]] == list(range(1, 36))  # (in the recorded run: the first 43 steps)
+    for r in rows:
+        if r["rollout/kept_groups"] < 16:  # the rounds ran out: the rest of the step is tied fillers
+            assert r["rollout/resample_rounds"] == 20
+            assert r["rollout/tied_group_fraction"] == 1 - r["rollout/kept_groups"] / 16
+    rounds = [r["rollout/resample_rounds"] for r in rows]
+    assert min(rounds[:10]) >= 1  # the filter did work (a random policy ties ~2 of 3 groups at 0 reward)
+    assert [r["rollout/prompts_consumed"] for r in rows] == [16 * (1 + k) for k in rounds]
+    # The data iterator's checkpointed position counts every group any round consumed (512 problems = 512 groups).
+    data_state = _checkpoint_meta(tmp_path, 60)["data"]
+    assert data_state["epoch"] * 512 + data_state["position"] == sum(r["rollout/prompts_consumed"] for r in rows)
+    first, last = _mean(rows, "accuracy/sampled", range(1, 11)), _mean(rows, "accuracy/sampled", range(51, 61))
+    assert last > 2 * first + 0.05, (first, last)
+
+
 def test_every_trainer_option_runs(tmp_path):
-    """KL to a reference, segment credit, masking, μ > 1, mini/micro batches, bf16 compute and rollout, remat."""
+    """KL to a reference, segment credit, masking, μ > 1, mini/micro batches, bf16 compute and rollout, remat, the
+    DAPO knobs (dual clip, overlong shaping, dynamic sampling)."""
     config = _tiny(tmp_path, total_steps=2, **{
         "loss.kl_weight": 0.05, "loss.mask_truncated": True, "loss.drop_tied_groups": True,
         "loss.aggregation": "seq-mean-token-sum-norm", "reward.credit": "segment", "reward.estimator": "dr_grpo",
         "reward.length_penalty": 0.1, "train.epochs_per_rollout": 2, "train.mini_batch_size": 64,
         "train.micro_batch_size": 16, "train.compute_dtype": "bfloat16", "train.remat": "full",
-        "rollout.dtype": "bfloat16", "optim.schedule": "cosine", "optim.warmup_steps": 2})
+        "rollout.dtype": "bfloat16", "optim.schedule": "cosine", "optim.warmup_steps": 2,
+        "loss.clip_ratio_c": 3.0, "reward.overlong_buffer": 1, "rollout.dynamic_sampling": True})
     train.run_train(config)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(v) for row in rows for v in row.values())
     assert "policy/kl" in rows[0] and rows[0]["optim/skipped_updates"] == 0
+    assert "policy/dual_clip_fraction" in rows[0] and rows[0]["reward/overlong_penalty"] < 0
     # 4 updates per step (2 epochs x 2 mini-batches): warm-up 0, lr/2, then cosine decay from the peak.
     peak = config.optim.learning_rate
     assert rows[0]["optim/learning_rate"] < peak and rows[1]["optim/learning_rate"] < peak
@@ -166,9 +261,10 @@ def _final_params(workdir):
     return step, jax.device_get(params)
 
 
-def test_sigkilled_run_resumes_bit_identical(tmp_path):
+@pytest.mark.parametrize("dynamic_sampling", [False, True], ids=["plain", "dynamic_sampling"])
+def test_sigkilled_run_resumes_bit_identical(tmp_path, dynamic_sampling):
     common = ["--config", "configs/tiny.py", "--config.total_steps=6", "--config.checkpoint_every=2",
-              "--config.rollout.prompts_per_step=4"]
+              "--config.rollout.prompts_per_step=4", f"--config.rollout.dynamic_sampling={dynamic_sampling}"]
     straight = _run_main(*common, f"--config.workdir={tmp_path / 'straight'}")
     killed_dir = tmp_path / "killed"
     victim = _run_main(*common, f"--config.workdir={killed_dir}")
@@ -199,12 +295,16 @@ def test_sigkilled_run_resumes_bit_identical(tmp_path):
     metrics_a = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     metrics_b = (killed_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["reward/mean"] for r in metrics_a] == [json.loads(r)["reward/mean"] for r in metrics_b]
+    assert _checkpoint_meta(tmp_path / "straight", 6) == _checkpoint_meta(killed_dir, 6)  # the data position too
+    if dynamic_sampling:  # the resumed steps resampled too, and drew the same groups
+        rounds = [json.loads(r)["rollout/resample_rounds"] for r in metrics_a]
+        assert sum(rounds) > 0 and rounds == [json.loads(r)["rollout/resample_rounds"] for r in metrics_b]
 
 
 # ------------------------------------------------------------------------------------------------ paper configs
 
-PAPER_CONFIGS = ("justrl_1p5b_grpo", "justrl_1p5b_bcr", "justrl_1p5b_length_penalty", "qwen3_4b_grpo",
-                 "qwen3_4b_bcr", "qwen3_4b_length_penalty")
+PAPER_CONFIGS = ("justrl_1p5b_grpo", "justrl_1p5b_bcr", "justrl_1p5b_length_penalty", "justrl_1p5b_bcr_dapo",
+                 "qwen3_4b_grpo", "qwen3_4b_bcr", "qwen3_4b_length_penalty")
 
 
 @pytest.fixture(scope="module")
@@ -238,11 +338,14 @@ def test_paper_config_runs_one_step_through_main(name, tiny_checkpoints, deepmat
     assert config.data.source == "deepmath-103k" and config.loss.clip_high == 0.28
     assert config.rollout.budget == (5120 if name.startswith("justrl") else 8000)
     family = "qwen2" if name.startswith("justrl") else "qwen3"
+    # The DAPO config's overlong buffer (1,024 tokens) must fit the test's 24-token budget; 2 resampling rounds.
+    dapo = ["--config.reward.overlong_buffer=6", "--config.rollout.max_resample_rounds=2"] if name.endswith("dapo") else []
     process = _run_main(
         "--config", f"configs/{name}.py", f"--config.model.hf_path={tiny_checkpoints[family]}",
         f"--config.data.path={deepmath_file}", f"--config.workdir={tmp_path}", "--config.total_steps=1",
         "--config.rollout.budget=24", "--config.rollout.prompts_per_step=2", "--config.rollout.samples_per_prompt=2",
-        "--config.train.mini_batch_size=2", "--config.train.micro_batch_size=1", "--config.grading.num_workers=1")
+        "--config.train.mini_batch_size=2", "--config.train.micro_batch_size=1", "--config.grading.num_workers=1",
+        *dapo)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-3000:]
     assert "step 1/1" in out
@@ -251,6 +354,11 @@ def test_paper_config_runs_one_step_through_main(name, tiny_checkpoints, deepmat
     assert [k for k in row if k.startswith("accuracy/position_")] == [f"accuracy/position_{k}" for k in
                                                                        range(1, n + 1)]
     assert (tmp_path / "checkpoints" / "1").is_dir()
+    if name.endswith("dapo"):  # BCR (N=3) with every DAPO knob on
+        assert n == 3 and config.rollout.dynamic_sampling and config.loss.clip_ratio_c == 3.0
+        assert config.reward.overlong_buffer == 1024 and config.loss.aggregation == "token-mean"
+        assert row["rollout/prompts_consumed"] == 2 * (1 + row["rollout/resample_rounds"])
+        assert {"rollout/kept_groups", "reward/overlong_penalty", "policy/dual_clip_fraction"} <= set(row)
 
 
 def test_export_writes_an_hf_directory_that_transformers_loads(tiny_checkpoints, deepmath_file, tmp_path):
@@ -289,6 +397,9 @@ def test_export_writes_an_hf_directory_that_transformers_loads(tiny_checkpoints,
     ("--config.data.source=synthetic:nope", "config.data.source"),
     ("--config.loss.aggregation=tok-mean", "config.loss.aggregation"),
     ("--config.train.micro_batch_size=3", "config.train.micro_batch_size"),
+    ("--config.loss.clip_ratio_c=0.5", "config.loss.clip_ratio_c"),
+    ("--config.reward.overlong_buffer=3", "config.reward.overlong_buffer"),
+    ("--config.rollout.max_resample_rounds=-1", "config.rollout.max_resample_rounds"),
     ("--config.model.hf_path=/no/such/checkpoint", "config.model.hf_path: /no/such/checkpoint"),
 ])
 def test_user_errors_are_one_line_naming_the_key(override, message, tmp_path):
