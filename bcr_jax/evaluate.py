@@ -726,9 +726,9 @@ def run_eval(config, policies: Mapping[str, GenerateFn] | None = None, *, grade_
     else:
         specs = [CheckpointSpec(str(label), "given", str(label)) for label in policies]
         mesh = None
+    workdir = paths.check_writable(config.workdir, "config.workdir")  # a local directory or gs://
     benchmarks = load_benchmarks(config, settings.n_values)
     grade_fn = grade_fn or _config_grader(config)
-    workdir = paths.check_writable(config.workdir, "config.workdir")  # a local directory or gs://
     cells_dir = workdir / CELLS_DIR
     cells_dir.mkdir(parents=True, exist_ok=True)
     cells = _plan(specs, benchmarks, settings, cells_dir)
