@@ -233,7 +233,7 @@ def jobs(tmp_path_factory):
             _wait(*later)
         print(f"distributed jobs: {time.monotonic() - start:.0f} s", file=sys.stderr)
         yield {job.name: job for job in (*train_jobs, *later)} | {
-            "single": single, "double": double, "eval_single": eval_single, "eval_double": eval_double}
+            "single": single, "double": double, "eval_single_dir": eval_single, "eval_double_dir": eval_double}
 
 
 def _params(workdir, **kwargs):
@@ -294,11 +294,11 @@ def test_the_two_process_checkpoint_restores_anywhere_and_exports(jobs):
 
 @pytest.mark.timeout(1800, method="signal")
 def test_two_process_eval_writes_the_single_process_table(jobs):
-    one = json.loads((jobs["eval_single"] / "scaling_law.json").read_text())
-    two = json.loads((jobs["eval_double"] / "scaling_law.json").read_text())
+    one = json.loads((jobs["eval_single_dir"] / "scaling_law.json").read_text())
+    two = json.loads((jobs["eval_double_dir"] / "scaling_law.json").read_text())  # in the bucket
     assert [r["n"] for r in two] == [1, 2] and one == two
     responses = lambda workdir: sorted(p.read_text() for p in (workdir / "eval_cells").glob("*.jsonl"))
-    assert responses(jobs["eval_single"]) == responses(jobs["eval_double"])
+    assert responses(jobs["eval_single_dir"]) == responses(jobs["eval_double_dir"])
     job = jobs["eval_double"]
     assert "# Task-scaling law" in job.read(0, "out") and "Task-scaling" not in job.read(1, "out")
     progress = re.compile(r"eval: +(\d+%|\d+/\d+ prompts)")  # tqdm's bar or the plain progress line
