@@ -10,8 +10,8 @@ Layout of a workdir:
 Orbax writes a step into a temporary directory and renames it when complete, so a run killed mid-save leaves the
 previous checkpoint as the latest one, never half a checkpoint.
 
-Paths go through `etils.epath`, so a workdir may be a local directory or a `gs://` bucket (with `gcsfs` installed);
-pathlib would collapse `gs://b/run` into the local path `gs:/b/run`. With several processes every process calls
+Paths go through `bcr_jax.paths` (etils.epath), so a workdir may be a local directory or a `gs://` bucket; orbax
+writes either (on GCS it marks a finished step with a commit file instead of a rename). With several processes every process calls
 `save` / `restore` (orbax shards the arrays between them and lets process 0 finalize the step), so the directory must
 be one they all see: a bucket or a shared file system.
 """
@@ -19,31 +19,19 @@ be one they all see: a bucket or a shared file system.
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 import orbax.checkpoint as ocp
-from etils import epath
 from ml_collections import config_dict
 
-from bcr_jax import models
-
-
-def is_remote(path) -> bool:
-    """gs://, s3://, ...: a URL rather than a local path."""
-    return "://" in str(path)
-
-
-def run_path(path) -> epath.Path:
-    """A workdir as an epath: URLs as they are, local paths made absolute (orbax wants absolute paths)."""
-    return epath.Path(path) if is_remote(path) else epath.Path(pathlib.Path(path).expanduser().absolute())
+from bcr_jax import models, paths
 
 
 class Checkpointer:
     """Saves every `every` steps (and when forced), keeps the last `keep`."""
 
-    def __init__(self, workdir: str | pathlib.Path, *, every: int, keep: int):
-        self.directory = run_path(workdir) / "checkpoints"
+    def __init__(self, workdir: paths.PathLike, *, every: int, keep: int):
+        self.directory = paths.resolve(workdir) / "checkpoints"
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
@@ -75,37 +63,34 @@ class Checkpointer:
         self.manager.close()
 
 
-def write_run_files(workdir: str | pathlib.Path, config, cfg: models.ModelConfig) -> None:
+def write_run_files(workdir: paths.PathLike, config, cfg: models.ModelConfig) -> None:
     """config.json and model_config.json, written atomically (process 0 only, with several processes)."""
-    workdir = run_path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = paths.resolve(workdir)
     for name, text in (("config.json", config.to_json(indent=2)),
                        ("model_config.json", json.dumps(models.config_to_hf(cfg), indent=2))):
-        tmp = workdir / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(workdir / name)
+        paths.write_atomic(workdir / name, text)
 
 
-def read_run_config(workdir: str | pathlib.Path) -> config_dict.ConfigDict:
-    path = run_path(workdir) / "config.json"
+def read_run_config(workdir: paths.PathLike) -> config_dict.ConfigDict:
+    path = paths.resolve(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not the workdir of a training run (no config.json)")
     return config_dict.ConfigDict(json.loads(path.read_text()))
 
 
-def is_run_dir(path: str | pathlib.Path) -> bool:
-    path = run_path(path)
+def is_run_dir(path: paths.PathLike) -> bool:
+    path = paths.resolve(path)
     return (path / "config.json").is_file() and (path / "checkpoints").is_dir() and (path / "model_config.json").is_file()
 
 
-def load_run(workdir: str | pathlib.Path, step: int | None = None, mesh=None):
+def load_run(workdir: paths.PathLike, step: int | None = None, mesh=None):
     """(ModelConfig, params, tokenizer, step) of a training run's checkpoint (default: the latest).
 
     The model config is the run's, with params in its master dtype; the tokenizer is rebuilt from the run's config.
     """
     from bcr_jax import build, sharding, train
 
-    workdir = run_path(workdir)
+    workdir = paths.resolve(workdir)
     run_config = read_run_config(workdir)
     cfg = models.config_from_hf(json.loads((workdir / "model_config.json").read_text()),
                                 dtype=run_config.model.dtype, source=str(workdir / "model_config.json"))

@@ -44,6 +44,7 @@ import collections
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -54,7 +55,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from bcr_jax import bcr, build
+from bcr_jax import bcr, build, paths
 from bcr_jax.build import ConfigError
 
 CELLS_DIR = "eval_cells"
@@ -310,9 +311,13 @@ class CheckpointSpec:
         return f"{self.kind}:{self.path}" + ("" if self.step is None else f"@{self.step}")
 
 
-def _run_steps(workdir: pathlib.Path) -> list[int]:
-    """Steps saved under `workdir/checkpoints/` (numbered sub-directories, orbax's layout)."""
-    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.is_dir() and p.name.isdigit())
+def _run_steps(workdir: paths.Path) -> list[int]:
+    """Finished steps under `workdir/checkpoints/` (numbered sub-directories, orbax's layout; on GCS a step's
+    directory exists before orbax's commit file marks it finished)."""
+    from orbax.checkpoint import step as ocp_step
+
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                  if p.name.isdigit() and p.is_dir() and ocp_step.is_path_finalized(p))
 
 
 def resolve_checkpoint(entry: str, key: str) -> CheckpointSpec:
@@ -322,11 +327,11 @@ def resolve_checkpoint(entry: str, key: str) -> CheckpointSpec:
         raise ConfigError(f"config.{key}: expected a directory, got {entry!r}")
     match = _STEP_SUFFIX.match(entry)
     path_text, step = (match["path"], int(match["step"])) if match else (entry, None)
-    path = pathlib.Path(path_text).expanduser()
+    path = paths.resolve(path_text)
     if not path.is_dir():
         raise ConfigError(f"config.{key}: {path} does not exist (expected an HF checkpoint directory or a "
                           f"training run's workdir)")
-    resolved = str(path.resolve())
+    resolved = str(path if paths.is_remote(path) else pathlib.Path(path).resolve())
     # A run's workdir holds a config.json too (the run's config), so its checkpoints/ folder is what tells them apart.
     if (path / "checkpoints").is_dir():
         steps = _run_steps(path)
@@ -340,6 +345,9 @@ def resolve_checkpoint(entry: str, key: str) -> CheckpointSpec:
     if (path / "config.json").is_file():
         if step is not None:
             raise ConfigError(f"config.{key}: {entry!r} names a step, but {path} is an HF directory, not a run")
+        if paths.is_remote(path):  # safetensors are read from local files
+            raise ConfigError(f"config.{key}: {path} is an HF directory in a bucket; copy it to a local directory "
+                              f"(a training run's workdir may stay in the bucket)")
         return CheckpointSpec(path.name, "hf", resolved)
     raise ConfigError(f"config.{key}: {path} is neither an HF checkpoint directory (no config.json) nor a "
                       f"training run's workdir (no checkpoints/ folder)")
@@ -530,17 +538,11 @@ def phrase_counts(records: Sequence[Mapping], n: int, phrases: Sequence[str]) ->
 
 # --------------------------------------------------------------------------------------------------- cell files
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _cell_hash(key: Mapping) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _read_cell(cells_dir: pathlib.Path, cell_hash: str, key: Mapping) -> dict | None:
+def _read_cell(cells_dir: paths.Path, cell_hash: str, key: Mapping) -> dict | None:
     """The cached cell if its `.json` exists and was written for exactly this key."""
     path = cells_dir / f"{cell_hash}.json"
     if not path.is_file():
@@ -549,15 +551,15 @@ def _read_cell(cells_dir: pathlib.Path, cell_hash: str, key: Mapping) -> dict | 
     return cell if cell.get("key") == key else None
 
 
-def _write_cell(cells_dir: pathlib.Path, cell_hash: str, key: Mapping, records: list[dict], metrics: dict) -> dict:
+def _write_cell(cells_dir: paths.Path, cell_hash: str, key: Mapping, records: list[dict], metrics: dict) -> dict:
     # The raw responses first: a `.json` (the "finished" marker) never points at missing responses.
-    _atomic_write(cells_dir / f"{cell_hash}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    paths.write_atomic(cells_dir / f"{cell_hash}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     cell = {"key": dict(key), "metrics": metrics, "responses": f"{cell_hash}.jsonl"}
-    _atomic_write(cells_dir / f"{cell_hash}.json", json.dumps(cell, indent=1))
+    paths.write_atomic(cells_dir / f"{cell_hash}.json", json.dumps(cell, indent=1))
     return cell
 
 
-def _read_records(cells_dir: pathlib.Path, cell: Mapping) -> list[dict]:
+def _read_records(cells_dir: paths.Path, cell: Mapping) -> list[dict]:
     path = cells_dir / cell["responses"]
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -607,7 +609,7 @@ class _Cell:
     cached: dict | None
 
 
-def _plan(specs, benchmarks, settings: EvalSettings, cells_dir: pathlib.Path) -> list[_Cell]:
+def _plan(specs, benchmarks, settings: EvalSettings, cells_dir: paths.Path) -> list[_Cell]:
     cells = []
     for spec in specs:
         for benchmark in benchmarks:
@@ -724,9 +726,9 @@ def run_eval(config, policies: Mapping[str, GenerateFn] | None = None, *, grade_
     else:
         specs = [CheckpointSpec(str(label), "given", str(label)) for label in policies]
         mesh = None
+    workdir = paths.check_writable(config.workdir, "config.workdir")  # a local directory or gs://
     benchmarks = load_benchmarks(config, settings.n_values)
     grade_fn = grade_fn or _config_grader(config)
-    workdir = pathlib.Path(config.workdir).expanduser()
     cells_dir = workdir / CELLS_DIR
     cells_dir.mkdir(parents=True, exist_ok=True)
     cells = _plan(specs, benchmarks, settings, cells_dir)
@@ -776,7 +778,7 @@ def rescore(workdir: str | os.PathLike, *, grade_fn: GradeFn | None = None,
     the cell files and rewrites the outputs. `require_think_close` overrides the parser setting the cells were
     sampled with (the cell keys keep the original, so a later run still finds them). `count_phrases` recounts these
     phrases (default: the ones the table already counts)."""
-    workdir = pathlib.Path(workdir).expanduser()
+    workdir = paths.resolve(workdir)
     table = workdir / f"{OUTPUT_STEM}.json"
     if not table.is_file():
         raise ConfigError(f"config.workdir: {table} does not exist; run mode=eval first")
@@ -901,7 +903,7 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: Sequence[Mapping], path: pathlib.Path) -> None:
+def plot(rows: Sequence[Mapping], path) -> None:
     """Accuracy vs N (top) and tokens per problem vs N (bottom), a panel per benchmark (plus the mean when there
     are several), one line per checkpoint. Uses the Agg canvas directly: no global backend switch."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -929,18 +931,20 @@ def plot(rows: Sequence[Mapping], path: pathlib.Path) -> None:
     axes[0, 0].set_ylabel("accuracy (%)")
     axes[1, 0].set_ylabel("tokens per problem")
     axes[0, -1].legend(fontsize="small")
-    figure.savefig(path, dpi=110)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=110)
+    paths.write_atomic(path, png.getvalue())
 
 
-def write_outputs(rows: list[dict], workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+def write_outputs(rows: list[dict], workdir: paths.PathLike) -> dict[str, paths.Path]:
     """`scaling_law.json` / `.csv` / `.md` / `.png` in `workdir`; returns their paths by suffix."""
-    workdir = pathlib.Path(workdir)
-    paths = {suffix: workdir / f"{OUTPUT_STEM}.{suffix}" for suffix in ("json", "csv", "md", "png")}
-    _atomic_write(paths["json"], json.dumps(rows, indent=1))
-    _atomic_write(paths["csv"], _csv_text(rows))
-    _atomic_write(paths["md"], markdown_table(rows))
-    plot(rows, paths["png"])
-    return paths
+    workdir = paths.resolve(workdir)
+    files = {suffix: workdir / f"{OUTPUT_STEM}.{suffix}" for suffix in ("json", "csv", "md", "png")}
+    paths.write_atomic(files["json"], json.dumps(rows, indent=1))
+    paths.write_atomic(files["csv"], _csv_text(rows))
+    paths.write_atomic(files["md"], markdown_table(rows))
+    plot(rows, files["png"])
+    return files
 
 
 # -------------------------------------------------------------------------------------------------------- solve
@@ -984,7 +988,8 @@ def run_solve(config, policy: GenerateFn | None = None) -> list[dict]:
     n = _positive_int(config.solve.n, "solve.n")
     settings = settings_from_config(config, n_values=(n,))
     problems = read_solve_input(config.solve.path)
-    output = pathlib.Path(config.solve.output or pathlib.Path(config.workdir) / "solutions.jsonl").expanduser()
+    output = paths.resolve(config.solve.output or paths.resolve(config.workdir) / "solutions.jsonl")
+    paths.check_writable(output.parent, "config.solve.output" if config.solve.output else "config.workdir")
     if policy is None:
         spec = (resolve_checkpoint(config.solve.checkpoint, "solve.checkpoint") if config.solve.checkpoint
                 else config_checkpoint(config, "solve.checkpoint"))
@@ -1014,8 +1019,7 @@ def run_solve(config, policy: GenerateFn | None = None) -> list[dict]:
     finally:
         progress.close()
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(output, "".join(json.dumps(row) + "\n" for row in rows))
+    paths.write_atomic(output, "".join(json.dumps(row) + "\n" for row in rows))
     total_tokens = sum(row["tokens"] for row in rows if row["position"] == 1)  # each group's tokens once
     answered = sum(row["answer"] is not None for row in rows)
     print(f"solve: {len(problems)} problems in {len(groups)} prompts of up to {n}: {total_tokens:,} response tokens, "
@@ -1025,7 +1029,7 @@ def run_solve(config, policy: GenerateFn | None = None) -> list[dict]:
 
 def summary(rows: Sequence[Mapping], workdir) -> str:
     """The console report of `run_eval`: the Markdown table and where the files are."""
-    workdir = pathlib.Path(workdir)
+    workdir = paths.resolve(workdir)
     return markdown_table(rows) + f"\nwritten: {workdir / OUTPUT_STEM}.{{json,csv,md,png}}, raw responses in " \
                                   f"{workdir / CELLS_DIR}/\n"
 

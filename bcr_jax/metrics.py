@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import shutil
+import tempfile
+
+from bcr_jax import paths
 
 # The console line: (metric key, label, format). Everything else goes to the files only.
 CONSOLE_FIELDS = (
@@ -29,42 +33,87 @@ CONSOLE_FIELDS = (
 
 class MetricsWriter:
     """Writes each step's scalars to TensorBoard and `metrics.jsonl`; `enabled=False` (non-zero processes) writes
-    nothing."""
+    nothing.
 
-    def __init__(self, workdir: str | pathlib.Path, *, resume_step: int = 0, enabled: bool = True):
+    A local `metrics.jsonl` is appended to. A GCS object cannot be appended to, so in a `gs://` workdir the file is
+    rewritten whole each step (one small upload; readers see the previous version until it finishes). tensorboardX
+    writes `gs://` only through google-cloud-storage, re-uploading the whole event file from memory at every flush and
+    bypassing the workdir's file system; so with a remote workdir its events go to a local directory that is copied
+    to `workdir/tensorboard` after each step's flush.
+    """
+
+    def __init__(self, workdir: paths.PathLike, *, resume_step: int = 0, enabled: bool = True):
         self.enabled = enabled
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        workdir = paths.resolve(workdir)
+        self.path = workdir / "metrics.jsonl"
+        self._remote = paths.is_remote(workdir)
+        self._lines: list[str] = []  # remote workdirs: the whole file, rewritten at every step
         self._tensorboard = None
+        self._mirror = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._remote:
+            workdir.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
         from tensorboardX import SummaryWriter
 
-        self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
+        if self._remote:
+            self._mirror = _Mirror(workdir / "tensorboard")
+            logdir = str(self._mirror.local)
+        else:
+            logdir = str(workdir / "tensorboard")
+        self._tensorboard = SummaryWriter(logdir, purge_step=resume_step + 1)
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)  # atomic: never half a file
+        paths.write_atomic(self.path, "".join(line + "\n" for line in kept))  # never half a file
+        if self._remote:
+            self._lines = kept
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: float(v) for k, v in sorted(scalars.items())}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        row = json.dumps({"step": step, **{k: float(v) for k, v in sorted(scalars.items())}})
+        if self._remote:
+            self._lines.append(row)
+            paths.write_atomic(self.path, "".join(line + "\n" for line in self._lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(row + "\n")
         for key, value in scalars.items():
             if math.isfinite(float(value)):
                 self._tensorboard.add_scalar(key, float(value), step)
         self._tensorboard.flush()
+        if self._mirror is not None:
+            self._mirror.sync()
 
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+        if self._mirror is not None:
+            self._mirror.close()
+
+
+class _Mirror:
+    """A local directory whose files are copied to `dest` on `sync` (those whose size changed since the last)."""
+
+    def __init__(self, dest: paths.Path):
+        self.dest = dest
+        self.local = pathlib.Path(tempfile.mkdtemp(prefix="bcr_jax-tensorboard-"))
+        self._synced: dict[str, int] = {}
+
+    def sync(self) -> None:
+        for file in sorted(self.local.iterdir()):
+            size = file.stat().st_size
+            if self._synced.get(file.name) != size:
+                paths.put_file(file, self.dest / file.name)
+                self._synced[file.name] = size
+
+    def close(self) -> None:
+        self.sync()
+        shutil.rmtree(self.local, ignore_errors=True)
 
 
 def console_line(step: int, total_steps: int, scalars: dict[str, float]) -> str:

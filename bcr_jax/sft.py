@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bcr_jax import build, models, sharding, tokenizer as tokenizer_lib, train
+from bcr_jax import build, models, paths, sharding, tokenizer as tokenizer_lib, train
 from bcr_jax.build import ConfigError
 
 
@@ -94,7 +94,7 @@ def make_sft_step(cfg, optimizer):
     return step
 
 
-def run_sft(config) -> pathlib.Path:
+def run_sft(config) -> paths.Path:
     """Trains as configured and writes `workdir/hf`; returns that directory."""
     if config.sft.steps < 1:
         raise ConfigError(f"config.sft.steps: must be >= 1, got {config.sft.steps}")
@@ -103,6 +103,7 @@ def run_sft(config) -> pathlib.Path:
     if tokenizer is None:
         raise ConfigError("config.tokenizer: sft needs a tokenizer (model.hf_path or tokenizer.kind=chars)")
     examples = read_examples(config, tokenizer)
+    workdir = paths.check_writable(config.workdir, "config.workdir")  # a local directory or gs://
     cfg, params = build.load_model(config, mesh)
     build.check_vocab(cfg, tokenizer)
     cfg = cfg.replace(remat=config.train.remat)
@@ -113,9 +114,7 @@ def run_sft(config) -> pathlib.Path:
     shardings = train.state_shardings(optimizer, models.param_shapes(cfg), mesh)
     batches = make_batches(examples, config, np.random.default_rng(config.seed))
     programs = {}
-    workdir = pathlib.Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = (workdir / "sft_metrics.jsonl").open("w")
+    log = []  # sft_metrics.jsonl, rewritten whole at each logged step (a GCS object cannot be appended to)
     start, tokens_seen = time.perf_counter(), 0
     for step in range(1, config.sft.steps + 1):
         tokens, input_mask, loss_mask = next(batches)
@@ -132,11 +131,10 @@ def run_sft(config) -> pathlib.Path:
             elapsed = time.perf_counter() - start
             row = {"step": step, **metrics, "learning_rate": float(schedule(config)(step - 1)),
                    "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            log.append(json.dumps(row) + "\n")
+            paths.write_atomic(workdir / "sft_metrics.jsonl", "".join(log))
             print(f"sft step {step}/{config.sft.steps} | loss {row['loss']:.4f} | lr {row['learning_rate']:.1e} | "
                   f"{row['tokens_per_s']:.0f} tok/s | {elapsed:.0f}s", flush=True)
-    log.close()
     out = workdir / "hf"
     models.save_hf(cfg.replace(remat="none"), state.params, out)
     print(f"saved the warm start to {out}", flush=True)

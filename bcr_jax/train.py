@@ -783,14 +783,10 @@ def load_reference_params(config, mesh):
 
 def run_train(config) -> TrainState:
     """Trains as configured, resuming from the workdir's latest checkpoint when `resume` is set."""
-    from bcr_jax import checkpoint, metrics as metrics_lib
+    from bcr_jax import checkpoint, metrics as metrics_lib, paths
 
-    if checkpoint.is_remote(config.workdir):
-        raise ConfigError(f"config.workdir: {config.workdir}: training writes metrics.jsonl and TensorBoard events "
-                          "(bcr_jax/metrics.py) with local file APIs; use a local or shared-file-system workdir "
-                          "(an NFS share or a gcsfuse mount of the bucket)")
     trainer = Trainer(config)
-    workdir = pathlib.Path(config.workdir)
+    workdir = paths.check_writable(config.workdir, "config.workdir")  # a local directory or gs://
     # Every process saves and restores checkpoints (orbax coordinates them); only process 0 writes everything else.
     checkpointer = checkpoint.Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
     is_main = distributed.is_main()
@@ -830,19 +826,15 @@ def run_train(config) -> TrainState:
     return state
 
 
-def run_export(config) -> pathlib.Path:
+def run_export(config):
     """Writes a checkpoint of the run in `workdir` as an HF directory: workdir/export/step_<k>."""
-    import shutil
+    from bcr_jax import checkpoint, paths
 
-    from bcr_jax import checkpoint
-
-    if checkpoint.is_remote(config.workdir):
-        raise ConfigError(f"config.workdir: {config.workdir}: export writes the HF directory with local file APIs; "
-                          "copy the run (or its checkpoint) to a local directory first")
-    workdir = pathlib.Path(config.workdir)
+    workdir = paths.resolve(config.workdir)
     if not checkpoint.is_run_dir(workdir):
         raise ConfigError(f"config.workdir: {workdir} holds no training run (config.json, model_config.json, "
                           "checkpoints/)")
+    paths.check_writable(workdir, "config.workdir")
     try:
         cfg, params, _, step = checkpoint.load_run(workdir, config.export.step)
     except FileNotFoundError as e:
@@ -857,6 +849,6 @@ def run_export(config) -> pathlib.Path:
         for file in source.iterdir():
             if file.is_file() and file.suffix not in (".safetensors", ".bin") and file.name not in (
                     "config.json", "model.safetensors.index.json"):
-                shutil.copy2(file, out / file.name)
+                paths.put_file(file, out / file.name)
     print(f"exported step {step} to {out}")
     return out

@@ -9,7 +9,7 @@
 #
 #   launch/tpu_pod.sh --name bcr --zone us-west4-a --create -- \
 #       --config configs/justrl_1p5b_bcr.py --config.model.hf_path=/home/me/JustRL-DeepSeek-1.5B \
-#       --config.workdir=runs/justrl_1p5b_bcr
+#       --config.workdir=gs://my-bucket/runs/justrl_1p5b_bcr     # or a local runs/... on a single host
 #
 # --dry-run prints the gcloud commands instead of running them.
 set -euo pipefail

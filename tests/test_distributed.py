@@ -15,12 +15,14 @@ import subprocess
 import sys
 import time
 
+import fake_gcs
 import jax
 import numpy as np
 import pytest
+from etils import epath
 from config_files import ROOT, load_config
 
-from bcr_jax import build, checkpoint, distributed, models, sharding, train
+from bcr_jax import build, checkpoint, distributed, models, sharding
 from bcr_jax.build import ConfigError
 
 # ------------------------------------------------------------------------------------------------ config
@@ -108,15 +110,6 @@ def test_helpers_are_identities_in_one_process():
     np.testing.assert_array_equal(distributed.sum_over_processes(np.array([1, 2])), [1, 2])
 
 
-def test_gs_workdirs_keep_their_scheme_and_training_refuses_them():
-    assert str(checkpoint.run_path("gs://bucket/runs/a") / "checkpoints") == "gs://bucket/runs/a/checkpoints"
-    assert checkpoint.run_path("runs/a").is_absolute() and not checkpoint.is_remote("runs/a")
-    config = load_config("tiny")
-    config.workdir = "gs://bucket/runs/a"
-    with pytest.raises(ConfigError, match=r"^config\.workdir: gs://bucket/runs/a: training writes metrics\.jsonl"):
-        train.run_train(config)
-
-
 # ------------------------------------------------------------------------------------------------ whole jobs
 
 # Variables from which jax.distributed would detect a cluster (the tests may run inside a Slurm job).
@@ -143,10 +136,11 @@ def _free_port() -> int:
 
 
 class _Job:
-    """`python -m bcr_jax.main` as one process with 8 devices, or as two with 4 each; output in files."""
+    """`python -m bcr_jax.main` as one process with 8 devices, or as two with 4 each; output in files. Every process
+    serves gs:// from the fake bucket folder `gcs` (tests/fake_gcs.py)."""
 
-    def __init__(self, name: str, args: list[str], processes: int, logs: pathlib.Path):
-        self.name, self.args, self.processes, self.logs = name, args, processes, logs
+    def __init__(self, name: str, args: list[str], processes: int, logs: pathlib.Path, gcs: pathlib.Path):
+        self.name, self.args, self.processes, self.logs, self.gcs = name, args, processes, logs, gcs
         self.popens: list[subprocess.Popen] = []
 
     def start(self):
@@ -158,8 +152,9 @@ class _Job:
             with open(self.log(i, "out"), "w") as out, open(self.log(i, "err"), "w") as err:
                 # A session of its own, so that killing its group also kills its grading workers.
                 self.popens.append(subprocess.Popen(
-                    [sys.executable, "-m", "bcr_jax.main", *self.args, *extra], cwd=ROOT,
-                    env=_env(8 // self.processes), stdout=out, stderr=err, start_new_session=True))
+                    [*fake_gcs.command(), *self.args, *extra], cwd=ROOT,
+                    env=_env(8 // self.processes) | {fake_gcs.ROOT_ENV: str(self.gcs)}, stdout=out, stderr=err,
+                    start_new_session=True))
 
     def log(self, i: int, stream: str) -> pathlib.Path:
         return self.logs / f"{self.name}.{i}.{stream}"
@@ -210,31 +205,36 @@ def _wait(*jobs: _Job, timeout_s: float = JOB_TIMEOUT_S):
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
-    """Training (one process, two processes), then on the two-process run: export by two processes, evaluation by
-    one and by two processes. Each phase's jobs run side by side."""
+    """Training (one process in a local workdir, two processes in a gs:// one), then on the two-process run: export by
+    two processes, evaluation by one (local workdir) and by two processes (gs://). Each phase's jobs run side by
+    side."""
     root = tmp_path_factory.mktemp("distributed")
     logs = root / "logs"
     logs.mkdir()
-    single, double = root / "train_single", root / "train_double"
+    gcs = root / "gcs"
+    single, double = root / "train_single", epath.Path("gs://bucket/train_double")
+    eval_single, eval_double = root / "eval_single", epath.Path("gs://bucket/eval_double")
     bench = root / "bench.jsonl"
     bench.write_text("".join(json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n"
                              for a, b in ((1, 2), (3, 4), (2, 5), (0, 6), (4, 4), (1, 1))))
     evaluate = ["--config", "configs/tiny.py", "--config.mode=eval", f"--config.eval.checkpoints=('{double}',)",
                 f"--config.eval.benchmarks=('{bench}',)", "--config.eval.n_values=(1,2)", "--config.eval.samples=4",
                 "--config.eval.budget=2", "--config.eval.temperature=1.0", "--config.eval.batch_prompts=8"]
-    train_jobs = (_Job("train_single", [*TRAIN, f"--config.workdir={single}"], 1, logs),
-                  _Job("train_double", [*TRAIN, f"--config.workdir={double}"], 2, logs))
+    train_jobs = (_Job("train_single", [*TRAIN, f"--config.workdir={single}"], 1, logs, gcs),
+                  _Job("train_double", [*TRAIN, f"--config.workdir={double}"], 2, logs, gcs))
     later = (_Job("export_double", ["--config", "configs/tiny.py", "--config.mode=export",
-                                    f"--config.workdir={double}"], 2, logs),
-             _Job("eval_single", [*evaluate, f"--config.workdir={root / 'eval_single'}"], 1, logs),
-             _Job("eval_double", [*evaluate, f"--config.workdir={root / 'eval_double'}"], 2, logs))
-    start = time.monotonic()
-    with _running(*train_jobs):
-        _wait(*train_jobs)
-    with _running(*later):
-        _wait(*later)
-    print(f"distributed jobs: {time.monotonic() - start:.0f} s", file=sys.stderr)
-    return {job.name: job for job in (*train_jobs, *later)} | {"root": root, "single": single, "double": double}
+                                    f"--config.workdir={double}"], 2, logs, gcs),
+             _Job("eval_single", [*evaluate, f"--config.workdir={eval_single}"], 1, logs, gcs),
+             _Job("eval_double", [*evaluate, f"--config.workdir={eval_double}"], 2, logs, gcs))
+    with fake_gcs.serve(gcs):  # here too: the tests read the bucket
+        start = time.monotonic()
+        with _running(*train_jobs):
+            _wait(*train_jobs)
+        with _running(*later):
+            _wait(*later)
+        print(f"distributed jobs: {time.monotonic() - start:.0f} s", file=sys.stderr)
+        yield {job.name: job for job in (*train_jobs, *later)} | {
+            "single": single, "double": double, "eval_single_dir": eval_single, "eval_double_dir": eval_double}
 
 
 def _params(workdir, **kwargs):
@@ -284,7 +284,7 @@ def test_the_two_process_checkpoint_restores_anywhere_and_exports(jobs):
     """Restored in one process on 8 devices or on 1, and by two processes for export: the same values, bit for bit."""
     _, on_8 = _params(jobs["double"])
     _, on_1 = _params(jobs["double"], mesh=sharding.make_mesh(devices=jax.devices()[:1]))
-    exported = jobs["double"] / "export" / "step_2"
+    exported = fake_gcs.local_path(str(jobs["double"] / "export" / "step_2"))  # safetensors: read locally
     cfg, from_export = models.load_hf(exported)
     for a, b in zip(jax.tree.leaves(on_8), jax.tree.leaves(on_1)):
         np.testing.assert_array_equal(a, b)
@@ -296,12 +296,11 @@ def test_the_two_process_checkpoint_restores_anywhere_and_exports(jobs):
 
 @pytest.mark.timeout(1800, method="signal")
 def test_two_process_eval_writes_the_single_process_table(jobs):
-    root = jobs["root"]
-    one = json.loads((root / "eval_single" / "scaling_law.json").read_text())
-    two = json.loads((root / "eval_double" / "scaling_law.json").read_text())
+    one = json.loads((jobs["eval_single_dir"] / "scaling_law.json").read_text())
+    two = json.loads((jobs["eval_double_dir"] / "scaling_law.json").read_text())  # in the bucket
     assert [r["n"] for r in two] == [1, 2] and one == two
     responses = lambda workdir: sorted(p.read_text() for p in (workdir / "eval_cells").glob("*.jsonl"))
-    assert responses(root / "eval_single") == responses(root / "eval_double")
+    assert responses(jobs["eval_single_dir"]) == responses(jobs["eval_double_dir"])
     job = jobs["eval_double"]
     assert "# Task-scaling law" in job.read(0, "out") and "Task-scaling" not in job.read(1, "out")
     progress = re.compile(r"eval: +(\d+%|\d+/\d+ prompts)")  # tqdm's bar or the plain progress line

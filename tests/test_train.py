@@ -3,8 +3,10 @@ configs through main, export, and user errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import fake_gcs
 import pytest
 from config_files import ROOT, load_config
 
@@ -250,9 +253,13 @@ def test_every_trainer_option_runs(tmp_path):
     assert rows[0]["optim/learning_rate"] < peak and rows[1]["optim/learning_rate"] < peak
 
 
-def _run_main(*args, **kwargs):
+def _run_main(*args, gcs=None, **kwargs):
+    """`python -m bcr_jax.main ARGS`; with `gcs` (a fake_gcs root) the process serves gs:// from it."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "bcr_jax.main", *args], cwd=ROOT, env=env,
+    command = [sys.executable, "-m", "bcr_jax.main"]
+    if gcs is not None:
+        env[fake_gcs.ROOT_ENV], command = str(gcs), fake_gcs.command()
+    return subprocess.Popen([*command, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -261,41 +268,50 @@ def _final_params(workdir):
     return step, jax.device_get(params)
 
 
-@pytest.mark.parametrize("dynamic_sampling", [False, True], ids=["plain", "dynamic_sampling"])
-def test_sigkilled_run_resumes_bit_identical(tmp_path, dynamic_sampling):
+@pytest.mark.parametrize("storage, dynamic_sampling", [("local", False), ("local", True), ("gs", False)],
+                         ids=["local", "local-dynamic_sampling", "gs"])
+def test_sigkilled_run_resumes_bit_identical(storage, dynamic_sampling, tmp_path):
+    """Killed after its second checkpoint and resumed, in a local directory or a (fake) gs:// bucket, with or without
+    dynamic sampling: the same params, bit for bit, and the same metrics as a straight local run."""
     common = ["--config", "configs/tiny.py", "--config.total_steps=6", "--config.checkpoint_every=2",
               "--config.rollout.prompts_per_step=4", f"--config.rollout.dynamic_sampling={dynamic_sampling}"]
-    straight = _run_main(*common, f"--config.workdir={tmp_path / 'straight'}")
-    killed_dir = tmp_path / "killed"
-    victim = _run_main(*common, f"--config.workdir={killed_dir}")
-    try:
-        deadline = time.monotonic() + 240
-        while not (killed_dir / "checkpoints" / "4").is_dir():  # orbax renames a step's dir when it is complete
-            assert victim.poll() is None, victim.communicate()
-            assert time.monotonic() < deadline, "no second checkpoint within 240 s"
-            time.sleep(0.05)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(30)
-        assert victim.returncode == -signal.SIGKILL
-        resumed = _run_main(*common, f"--config.workdir={killed_dir}")
-        out, err = resumed.communicate(timeout=300)
-        assert resumed.returncode == 0, err[-2000:]
-        assert "resumed from" in out
-        out, err = straight.communicate(timeout=300)
-        assert straight.returncode == 0, err[-2000:]
-    finally:
-        for process in (straight, victim):
-            if process.poll() is None:
-                process.kill()
-    step_a, params_a = _final_params(tmp_path / "straight")
-    step_b, params_b = _final_params(killed_dir)
+    gcs = tmp_path / "gcs" if storage == "gs" else None
+    with fake_gcs.serve(gcs) if gcs else contextlib.nullcontext():
+        killed_dir = "gs://bucket/killed" if gcs else str(tmp_path / "killed")
+        stored = fake_gcs.local_path(killed_dir) if gcs else pathlib.Path(killed_dir)
+        # Orbax finishes a step by a rename on a local disk and by a commit file on GCS.
+        finished = stored / "checkpoints" / "4" / ("commit_success.txt" if gcs else "")
+        straight = _run_main(*common, f"--config.workdir={tmp_path / 'straight'}")
+        victim = _run_main(*common, f"--config.workdir={killed_dir}", gcs=gcs)
+        try:
+            deadline = time.monotonic() + 240
+            while not finished.exists():
+                assert victim.poll() is None, victim.communicate()
+                assert time.monotonic() < deadline, "no second checkpoint within 240 s"
+                time.sleep(0.05)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(30)
+            assert victim.returncode == -signal.SIGKILL
+            resumed = _run_main(*common, f"--config.workdir={killed_dir}", gcs=gcs)
+            out, err = resumed.communicate(timeout=300)
+            assert resumed.returncode == 0, err[-2000:]
+            assert "resumed from" in out
+            out, err = straight.communicate(timeout=300)
+            assert straight.returncode == 0, err[-2000:]
+        finally:
+            for process in (straight, victim):
+                if process.poll() is None:
+                    process.kill()
+        step_a, params_a = _final_params(tmp_path / "straight")
+        step_b, params_b = _final_params(killed_dir)
     assert step_a == step_b == 6
     for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_array_equal(a, b)  # bit-identical
     metrics_a = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
-    metrics_b = (killed_dir / "metrics.jsonl").read_text().splitlines()
+    metrics_b = (stored / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["reward/mean"] for r in metrics_a] == [json.loads(r)["reward/mean"] for r in metrics_b]
-    assert _checkpoint_meta(tmp_path / "straight", 6) == _checkpoint_meta(killed_dir, 6)  # the data position too
+    assert [json.loads(r)["step"] for r in metrics_b] == list(range(1, 7))
+    assert _checkpoint_meta(tmp_path / "straight", 6) == _checkpoint_meta(stored, 6)  # the data position too
     if dynamic_sampling:  # the resumed steps resampled too, and drew the same groups
         rounds = [json.loads(r)["rollout/resample_rounds"] for r in metrics_a]
         assert sum(rounds) > 0 and rounds == [json.loads(r)["rollout/resample_rounds"] for r in metrics_b]

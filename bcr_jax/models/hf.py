@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import re
 import shutil
-import tempfile
 from typing import Callable
 
 import jax
@@ -24,7 +22,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from bcr_jax import sharding as sharding_lib
+from bcr_jax import paths, sharding as sharding_lib
 from bcr_jax.models.config import ModelConfig, config_to_hf, read_hf_config
 from bcr_jax.models.transformer import Params, param_shapes
 
@@ -218,13 +216,15 @@ def _host_array(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def save_hf(cfg: ModelConfig, params: Params, out_dir, *, max_shard_bytes: int = 4 * 2**30) -> pathlib.Path:
-    """params → `out_dir/config.json` + safetensors (sharded with an index past `max_shard_bytes`).
+def save_hf(cfg: ModelConfig, params: Params, out_dir, *, max_shard_bytes: int = 4 * 2**30):
+    """params → `out_dir/config.json` + safetensors (sharded with an index past `max_shard_bytes`); `out_dir` may be
+    local or `gs://` (returned as a `bcr_jax.paths.Path`).
 
-    Tensors are gathered to the host one at a time. Files are written into a temporary directory and moved into
-    place afterwards, so an interrupted save never leaves a half-written checkpoint.
+    Tensors are gathered to the host one at a time. Files are written into a local staging directory and then put in
+    place one by one (renamed, or uploaded whole), config.json last, so an interrupted save never leaves a
+    half-written file or a config.json without its weights.
     """
-    out = pathlib.Path(out_dir)
+    out = paths.resolve(out_dir)
     missing = [r.path for r in _active_rules(cfg) if not _has_path(params, r.path)]
     if missing:
         raise ValueError(f"save_hf: params are missing {missing} for this {cfg.model_type} config")
@@ -241,8 +241,7 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir, *, max_shard_bytes: int =
     if jax.process_index() != 0:
         return out
 
-    out.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".save_hf-", dir=out))
+    staging = paths.staging_dir(out)
     try:
         names = ["model.safetensors"] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -254,7 +253,7 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir, *, max_shard_bytes: int =
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (staging / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
         for file in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
-            os.replace(file, out / file.name)
+            paths.put_file(file, out / file.name, move=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -22,14 +22,15 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import io
 import pathlib
-import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
 
-from bcr_jax import bcr, evaluate, train
+from bcr_jax import bcr, evaluate, paths, train
 from bcr_jax.toy import world
 
 WARM_START_DIR = pathlib.Path(__file__).resolve().parent / "warm_start"
@@ -129,11 +130,12 @@ def accuracy_by_checks(records: list[dict], n: int) -> dict[str, float | None]:
         {f"count_{b}": len(v) for b, v in hits.items()}
 
 
-def measure_warm_start(config, warm_start: pathlib.Path, workdir: pathlib.Path) -> dict:
+def measure_warm_start(config, warm_start: pathlib.Path, workdir, inputs: pathlib.Path | None = None) -> dict:
     """The world's measured properties on the warm start, on `toy.dev_seed` problems (never the held-out ones):
-    accuracy by checks written (greedy and T=1, N=1), accuracy by position at N=8, and the data's redundancy."""
+    accuracy by checks written (greedy and T=1, N=1), accuracy by position at N=8, and the data's redundancy.
+    The dev problems go to `inputs` (default: `workdir`), which must be local."""
     toy = config.toy
-    dev = world.write_problems(workdir / "data" / "dev.jsonl",
+    dev = world.write_problems(pathlib.Path(inputs or workdir) / "data" / "dev.jsonl",
                                world.make_problems(toy.dev_problems, toy.dev_seed, "dev"))
     report = {"warm_start": str(warm_start), "dev_seed": toy.dev_seed, "dev_problems": toy.dev_problems,
               "budget": toy.dev_budget,
@@ -151,7 +153,7 @@ def measure_warm_start(config, warm_start: pathlib.Path, workdir: pathlib.Path) 
                                     "checks_per_problem": row["phrase_counts"][world.CHECK],
                                     "truncation_rate": row["truncation_rate"],
                                     "accuracy_by_checks": accuracy_by_checks(records, row["n"])})
-    (workdir / "warm_start_check.json").write_text(json.dumps(report, indent=1))
+    paths.write_atomic(workdir / "warm_start_check.json", json.dumps(report, indent=1))
     for cell in report["cells"]:
         by_checks = " / ".join("-" if cell["accuracy_by_checks"][b] is None else
                                f"{cell['accuracy_by_checks'][b]:.1%}" for b in CHECK_BUCKETS)
@@ -193,8 +195,10 @@ def plot_training(curves: dict[str, list[dict]], path: pathlib.Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    paths.write_atomic(path, png.getvalue())
 
 
 TRAINING_KEYS = ("reward/mean", "accuracy/instance", "tokens/per_problem", "rollout/count_per_problem",
@@ -295,18 +299,21 @@ def run_toy(config) -> dict:
     if toy.stop_after not in ("", "warm_start"):
         raise train.ConfigError(f"config.toy.stop_after: {toy.stop_after!r}; choose '' or 'warm_start'")
     toy_tokenizer_fields(config)
-    workdir = pathlib.Path(config.workdir)
+    workdir = paths.resolve(config.workdir)
     if config.quick:  # never mix a quick run's files with a full run's
         workdir = workdir.with_name(workdir.name + "_quick")
-    workdir.mkdir(parents=True, exist_ok=True)
+    paths.check_writable(workdir, "config.workdir")  # a local directory or gs://
+    # The trainer, sft and the evaluation read problem files and the warm start from local files; with a gs://
+    # workdir these inputs (deterministic in the seeds) are made in a local scratch directory, the results go to gs.
+    inputs = workdir if not paths.is_remote(workdir) else pathlib.Path(tempfile.mkdtemp(prefix="bcr_jax-toy-"))
     started = time.perf_counter()
 
     _stage("data: training and held-out problems")
-    train_path = world.write_problems(workdir / "data" / "train.jsonl",
+    train_path = world.write_problems(inputs / "data" / "train.jsonl",
                                       world.make_problems(toy.train_problems, toy.train_seed, "train"))
     registered = toy.eval_seed == REGISTERED_EVAL_SEED
     out_dir = workdir if registered else workdir / f"eval_seed{toy.eval_seed}"
-    heldout_path = world.write_problems(out_dir / "data" / "heldout.jsonl",
+    heldout_path = world.write_problems((inputs if registered else inputs / out_dir.name) / "data" / "heldout.jsonl",
                                         world.make_problems(toy.eval_problems, toy.eval_seed, "heldout"))
     share = world.redundancy_share(n=1, seed=toy.train_seed, verbosity=verbosity(config))
     print(f"{toy.train_problems} training problems, {toy.eval_problems} held-out (seed {toy.eval_seed}); checks "
@@ -316,11 +323,11 @@ def run_toy(config) -> dict:
     if toy.rebuild_warm_start or not (WARM_START_DIR / "config.json").is_file():
         from bcr_jax import sft
 
-        sft_data = world.write_sft_data(workdir / "data" / "sft.jsonl", toy.sft_examples, toy.train_seed + 1,
+        sft_data = world.write_sft_data(inputs / "data" / "sft.jsonl", toy.sft_examples, toy.train_seed + 1,
                                         {int(k): float(v) for k, v in toy.sft_n_mix}, verbosity(config),
                                         toy.sft_concise_share)
-        warm_start = sft.run_sft(sft_config(config, sft_data, workdir / "warm_start"))
-        measure_warm_start(config, warm_start, workdir)
+        warm_start = sft.run_sft(sft_config(config, sft_data, inputs / "warm_start"))
+        measure_warm_start(config, warm_start, workdir, inputs)
     elif toy.warm_start:
         warm_start = pathlib.Path(toy.warm_start).expanduser()
         if not (warm_start / "config.json").is_file():
@@ -331,7 +338,7 @@ def run_toy(config) -> dict:
         print(f"using the shipped warm start {warm_start} (rebuild: --config.toy.rebuild_warm_start=True)")
     if toy.stop_after == "warm_start":
         if not toy.rebuild_warm_start:
-            measure_warm_start(config, warm_start, workdir)
+            measure_warm_start(config, warm_start, workdir, inputs)
         return {"warm_start": str(warm_start)}
 
     run_dirs = {}
@@ -384,14 +391,13 @@ def run_toy(config) -> dict:
         "training": training_summary(curves),
     }
     result["claims"] = claims(rows, result["training"])
-    (out_dir / "toy_replication.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "toy_replication.md").write_text(markdown(rows, share))
-    shutil.copy2(out_dir / "eval_t1" / "scaling_law.png", out_dir / "toy_scaling_law.png")
+    paths.write_atomic(out_dir / "toy_replication.json", json.dumps(result, indent=1))
+    paths.write_atomic(out_dir / "toy_replication.md", markdown(rows, share))
+    paths.write_atomic(out_dir / "toy_scaling_law.png", (out_dir / "eval_t1" / "scaling_law.png").read_bytes())
     if toy.results_dir and registered:
-        results = pathlib.Path(toy.results_dir)
-        results.mkdir(parents=True, exist_ok=True)
+        results = paths.resolve(toy.results_dir)
         for name in ("toy_replication.json", "toy_replication.md", "toy_training.png", "toy_scaling_law.png"):
-            shutil.copy2(out_dir / name, results / name)
+            paths.write_atomic(results / name, (out_dir / name).read_bytes())
     _stage(f"done in {result['minutes']:.1f} min: {out_dir / 'toy_replication.md'}")
     print(markdown(rows, share), flush=True)
     return result
