@@ -110,8 +110,16 @@ def _greedy(logits_bv):
     return token_b, -jnp.log(jnp.sum(jnp.exp(logits_bv - max_b[:, None]), axis=-1))
 
 
+def _categorical(rng, logits_bv):
+    """One draw per row: from one key for the whole batch, or from each row's own key (rng of shape [b])."""
+    if rng.ndim == 0:
+        return jax.random.categorical(rng, logits_bv, axis=-1)
+    return jax.vmap(functools.partial(jax.random.categorical, axis=-1))(rng, logits_bv)
+
+
 def choose_tokens(logits_bv, rng, temperature_b, top_p_b, top_k_b):
-    """Samples one token per row; returns (tokens [b] int32, their log-probs [b] float32)."""
+    """Samples one token per row; returns (tokens [b] int32, their log-probs [b] float32). rng: one key, or one
+    key per row (then a row's draw depends on its key alone, not on the batch it sits in)."""
     logits_bv = logits_bv.astype(jnp.float32)
     greedy_b = temperature_b <= 0
     needs_filter = jnp.any(~greedy_b & ((top_p_b < 1.0) | (top_k_b > 0)))
@@ -121,12 +129,18 @@ def choose_tokens(logits_bv, rng, temperature_b, top_p_b, top_k_b):
 
     def filtered(_):
         sorted_bv, order_bv = _filtered_sorted_logits(scaled(), top_p_b, top_k_b)
-        choice_b = jax.random.categorical(rng, sorted_bv, axis=-1)
-        return jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0], _logprob_of(sorted_bv, choice_b)
+        if rng.ndim == 0:
+            choice_b = _categorical(rng, sorted_bv)
+            return jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0], _logprob_of(sorted_bv, choice_b)
+        # Per-row keys: draw in vocabulary order, so an unfiltered row draws the same token here as in `unfiltered`
+        # (which branch runs depends on the other rows in the batch).
+        filtered_bv = jnp.put_along_axis(sorted_bv, order_bv, sorted_bv, axis=-1, inplace=False)
+        token_b = _categorical(rng, filtered_bv)
+        return token_b, _logprob_of(filtered_bv, token_b)
 
     def unfiltered(_):
         scaled_bv = scaled()
-        token_b = jax.random.categorical(rng, scaled_bv, axis=-1)
+        token_b = _categorical(rng, scaled_bv)
         return token_b, _logprob_of(scaled_bv, token_b)
 
     greedy_token_b, greedy_logprob_b = _greedy(logits_bv)
@@ -306,7 +320,7 @@ def _per_row(value, count: int, name: str, dtype) -> np.ndarray:
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature=0.0, top_p=1.0, top_k=0, eos_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
              num_samples: int = 1, mesh: Mesh | None = None, min_prompt_bucket: int = 16,
-             decode_blocks: int = 4) -> SampleOutput:
+             decode_blocks: int = 4, max_rows_in_flight: int = 0) -> SampleOutput:
     """Samples `num_samples` continuations of each prompt (a list of token-id lists of any lengths).
 
     temperature / top_p / top_k: a scalar or one value per prompt (traced; never recompiles). eos_ids: every id that
@@ -315,6 +329,11 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     many blocks as decoding proceeds, so attention reads only the slots filled so far, not the whole budget
     (`decode_blocks_for`); each block is its own compiled segment of the decode loop, and blocks after the step at
     which every row ended are never run. 1 = one block of the whole budget (fewest compilations).
+
+    max_rows_in_flight: 0 decodes every row at once (this module's static sampler); s > 0 runs the continuous-
+    batching slot engine (`engine`) with at most s rows in flight, refilling a slot when its row ends: memory follows
+    s, not prompts x samples. Its random stream is per row, so sampled tokens differ from the static sampler's
+    (greedy ones do not) and do not depend on s.
     """
     if not prompts:
         raise ValueError("prompts: need at least one prompt")
@@ -356,6 +375,12 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     eos_array = np.full((MAX_EOS_IDS,), -1, np.int32)
     eos_array[:len(eos_ids)] = list(eos_ids)
 
+    if max_rows_in_flight > 0:
+        from bcr_jax import engine  # imports this module
+
+        return engine.generate(cfg, params, prompts, max_new_tokens=max_new_tokens, slots=max_rows_in_flight,
+                               temperature_p=temperature_p, top_p_p=top_p_p, top_k_p=top_k_p, eos_array=eos_array,
+                               pad_id=pad_id, seed=seed, num_samples=num_samples, mesh=mesh, prompt_len=prompt_len)
     shardings_key = None if mesh is None else _HashableTree(jax.tree.map(lambda x: x.sharding, params))
 
     def placement(*bucket):  # without a mesh, one jitted program serves every bucket (jax.jit caches by shape)
