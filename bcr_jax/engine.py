@@ -58,6 +58,7 @@ class EngineState:
     temperature: jax.Array  # [s] float32
     top_p: jax.Array  # [s] float32
     top_k: jax.Array  # [s] int32
+    budget: jax.Array  # [s] int32: the row ends (truncated) after this many tokens
     key_data: jax.Array  # [2] uint32: the seed's key
     eos_ids: jax.Array  # [e] int32, -1 = unused
     pad_id: jax.Array  # [] int32
@@ -87,7 +88,7 @@ def _init(cfg: ModelConfig, key_data, eos_ids, pad_id, *, slots: int, cache_len:
         last_token=zeros(jnp.int32), position=zeros(jnp.int32), lengths=zeros(jnp.int32),
         done=jnp.ones((slots,), bool), hit_eos=zeros(bool), prompt_id=zeros(jnp.int32), sample_id=zeros(jnp.int32),
         temperature=zeros(jnp.float32), top_p=jnp.ones((slots,), jnp.float32), top_k=zeros(jnp.int32),
-        key_data=key_data, eos_ids=eos_ids, pad_id=pad_id,
+        budget=zeros(jnp.int32), key_data=key_data, eos_ids=eos_ids, pad_id=pad_id,
     )
 
 
@@ -102,7 +103,7 @@ def _prefill(cfg: ModelConfig, params, prompt_bp, mask_bp):
 
 
 def _insert(state: EngineState, prompt_cache: transformer.KVCache, last_logits_bv, slot_m, local_m, prompt_m,
-            sample_m, prompt_len_m, temperature_m, top_p_m, top_k_m, *, max_new_tokens: int) -> EngineState:
+            sample_m, prompt_len_m, temperature_m, top_p_m, top_k_m, budget_m) -> EngineState:
     """Starts m rows: row i goes into slot `slot_m[i]` (== slots: no row, dropped) from prefilled prompt
     `local_m[i]`. Copies that prompt's cache into the slot's prompt region and draws the row's first token."""
     TRACE_COUNTS["engine_insert"] += 1
@@ -130,10 +131,10 @@ def _insert(state: EngineState, prompt_cache: transformer.KVCache, last_logits_b
         logprobs=state.logprobs.at[slot_m, 0].set(logprob_m, mode="drop"),
         last_token=set_(state.last_token, token_m), position=set_(state.position, prompt_len_m),
         lengths=set_(state.lengths, jnp.ones_like(token_m)),
-        done=set_(state.done, is_eos_m | (max_new_tokens <= 1)), hit_eos=set_(state.hit_eos, is_eos_m),
+        done=set_(state.done, is_eos_m | (budget_m <= 1)), hit_eos=set_(state.hit_eos, is_eos_m),
         prompt_id=set_(state.prompt_id, prompt_m), sample_id=set_(state.sample_id, sample_m),
         temperature=set_(state.temperature, temperature_m), top_p=set_(state.top_p, top_p_m),
-        top_k=set_(state.top_k, top_k_m),
+        top_k=set_(state.top_k, top_k_m), budget=set_(state.budget, budget_m),
     )
 
 
@@ -163,7 +164,7 @@ def _decode(cfg: ModelConfig, params, state: EngineState, refill_at, *, max_new_
             position=state.position + live_s,
             lengths=lengths_s,
             hit_eos=state.hit_eos | is_eos_s,
-            done=state.done | is_eos_s | (lengths_s >= max_new_tokens),
+            done=state.done | is_eos_s | (lengths_s >= state.budget),
         )
 
     return jax.lax.while_loop(lambda state: jnp.sum(state.done) < refill_at, step, state)
@@ -178,7 +179,7 @@ def _state_shardings(mesh: Mesh, cfg: ModelConfig, slots: int, cache_len: int) -
         cache=transformer.KVCache(k=(layers,), v=(layers,), valid=(row(2),), index=row(1)),
         tokens=row(2), logprobs=row(2), last_token=row(1), position=row(1), lengths=row(1), done=row(1),
         hit_eos=row(1), prompt_id=row(1), sample_id=row(1), temperature=row(1), top_p=row(1), top_k=row(1),
-        key_data=replicated, eos_ids=replicated, pad_id=replicated,
+        budget=row(1), key_data=replicated, eos_ids=replicated, pad_id=replicated,
     )
 
 
@@ -190,7 +191,7 @@ def _programs(cfg: ModelConfig, max_new_tokens: int, slots: int, prompt_len: int
     cache_len = prompt_len + max_new_tokens
     init = functools.partial(_init, cfg, slots=slots, cache_len=cache_len, max_new_tokens=max_new_tokens)
     prefill = functools.partial(_prefill, cfg)
-    insert = functools.partial(_insert, max_new_tokens=max_new_tokens)
+    insert = _insert
     decode = functools.partial(_decode, cfg, max_new_tokens=max_new_tokens)
     if mesh is None:
         return (jax.jit(init), jax.jit(prefill), jax.jit(insert, donate_argnums=(0,)),
@@ -207,7 +208,7 @@ def _programs(cfg: ModelConfig, max_new_tokens: int, slots: int, prompt_len: int
     return (
         jax.jit(init, in_shardings=(replicated,) * 3, out_shardings=state),
         jax.jit(prefill, in_shardings=(params, prompt, prompt), out_shardings=(prompt_cache, prompt)),
-        jax.jit(insert, in_shardings=(state, prompt_cache, prompt) + (row,) * 8, out_shardings=state,
+        jax.jit(insert, in_shardings=(state, prompt_cache, prompt) + (row,) * 9, out_shardings=state,
                 donate_argnums=(0,)),
         jax.jit(decode, in_shardings=(params, state, replicated), out_shardings=state, donate_argnums=(1,)),
     )
@@ -216,7 +217,8 @@ def _programs(cfg: ModelConfig, max_new_tokens: int, slots: int, prompt_len: int
 # --------------------------------------------------------------------------------------------------- host loop
 
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, slots: int,
-             temperature_p: np.ndarray, top_p_p: np.ndarray, top_k_p: np.ndarray, eos_array: np.ndarray,
+             temperature_p: np.ndarray, top_p_p: np.ndarray, top_k_p: np.ndarray, budget_p: np.ndarray,
+             eos_array: np.ndarray,
              pad_id: int, seed: int, num_samples: int, mesh: Mesh | None, prompt_len: int,
              refill_fraction: float = REFILL_FRACTION) -> sampling.SampleOutput:
     """`sampling.generate` with at most `slots` rows in flight (validated knobs, one value per prompt; see there)."""
@@ -267,7 +269,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
             local_m = prompt_m - c * prefill_batch
             local_m[len(mine):] = 0
             lengths_m = np.array([len(prompts[i]) for i in prompt_m], np.int32)
-            knobs = (temperature_p[prompt_m], top_p_p[prompt_m], top_k_p[prompt_m])
+            knobs = (temperature_p[prompt_m], top_p_p[prompt_m], top_k_p[prompt_m], budget_p[prompt_m])
             cache, logits = chunk_of(int(c))
             state = insert(state, cache, logits, *(put(x, 1, slots) for x in
                                                    (slot_m, local_m, prompt_m, sample_m, lengths_m, *knobs)))

@@ -88,3 +88,14 @@ def test_engine_compilations_stay_bounded_and_memory_follows_slots():
 
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     assert 1.9 * decode_bytes(4) < decode_bytes(8) <= 2 * decode_bytes(4)
+
+
+def test_per_prompt_budgets_truncate_rows_in_both_samplers():
+    cfg = models.get_preset("tiny-qwen2")
+    params = models.init_params(cfg, jax.random.key(3), std=0.3)
+    prompts = _ragged_prompts(cfg.vocab_size, [3, 8, 5], seed=4)
+    free = sampling.generate(cfg, params, prompts, max_new_tokens=12)
+    for slots in (0, 2):  # the static sampler, the slot engine
+        out = sampling.generate(cfg, params, prompts, max_new_tokens=12, budgets=[12, 1, 5], max_rows_in_flight=slots)
+        assert out.lengths.tolist() == [12, 1, 5] and out.truncated.all()
+        assert out.tokens == [row[:n] for row, n in zip(free.tokens, (12, 1, 5))]
