@@ -94,9 +94,8 @@ class ModelPolicy:
     for all prompts of a call in one batch."""
 
     def __init__(self, cfg, params, tokenizer, *, mesh=None, temperature: float, top_p: float, top_k: int = 0,
-                 thinking: str = "auto", decode_blocks: int = 4, max_rows_in_flight: int = 0):
+                 thinking: str = "auto", decode_blocks: int = 4):
         self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
-        self.max_rows_in_flight = max_rows_in_flight
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.thinking, self.decode_blocks = thinking, decode_blocks
 
@@ -124,7 +123,7 @@ class ModelPolicy:
             self.cfg, self.params, [self.encode(text) for text in prompt_texts], max_new_tokens=budget,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, eos_ids=self.tokenizer.eos_ids,
             pad_id=self.tokenizer.pad_id, seed=seed, num_samples=samples, mesh=self.mesh,
-            decode_blocks=self.decode_blocks, max_rows_in_flight=self.max_rows_in_flight)
+            decode_blocks=self.decode_blocks)
         rows = [Completion(self.tokenizer.decode(tokens, skip_special_tokens=True), int(length), bool(truncated))
                 for tokens, length, truncated in zip(out.tokens, out.lengths, out.truncated)]
         return [rows[i * samples:(i + 1) * samples] for i in range(len(prompt_texts))]
@@ -151,7 +150,6 @@ class EvalSettings:
     thinking: str
     require_think_close: bool
     count_phrases: tuple[str, ...] = ()
-    max_rows_in_flight: int = 0  # 0: the static sampler; > 0: the slot engine (another random stream)
 
     @property
     def template(self) -> bcr.PromptTemplate:
@@ -203,8 +201,7 @@ def settings_from_config(config, *, n_values: Sequence[int] | None = None) -> Ev
         top_k=int(config.rollout.top_k), budget_rule=ev.budget_rule, budget=budget,
         budget_per_problem=budget_per_problem, batch_prompts=_positive_int(ev.batch_prompts, "eval.batch_prompts"),
         seed=int(ev.seed), template_name=config.data.template, thinking=config.rollout.thinking,
-        require_think_close=bool(config.rollout.require_think_close),
-        max_rows_in_flight=int(config.rollout.get("max_rows_in_flight", 0)))
+        require_think_close=bool(config.rollout.require_think_close))
 
 
 # -------------------------------------------------------------------------------------------------- benchmarks
@@ -423,8 +420,7 @@ def load_policy(config, spec: CheckpointSpec, mesh, settings: EvalSettings) -> M
     build.check_vocab(cfg, tok)
     return ModelPolicy(cfg, params, tok, mesh=mesh, temperature=settings.temperature, top_p=settings.top_p,
                        top_k=settings.top_k, thinking=settings.thinking,
-                       decode_blocks=int(config.rollout.decode_blocks),
-                       max_rows_in_flight=settings.max_rows_in_flight)
+                       decode_blocks=int(config.rollout.decode_blocks))
 
 
 # ------------------------------------------------------------------------------------------------------ packing
@@ -625,8 +621,6 @@ def _plan(specs, benchmarks, settings: EvalSettings, cells_dir: paths.Path) -> l
                     "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
                     "template": settings.template_name, "thinking": settings.thinking,
                     "require_think_close": settings.require_think_close,
-                    # the slot engine samples another stream than the static sampler (the same for any slot count)
-                    **({"sampler": "slots"} if settings.max_rows_in_flight > 0 else {}),
                 }
                 cell_hash = _cell_hash(key)
                 prompts = pack_benchmark(len(benchmark.problems), n, settings.orderings, settings.seed)

@@ -7,9 +7,7 @@ For the configured model, mesh, batch and budget, per device:
   gradient_bytes        the accumulated gradient plus one micro-batch's (master dtype, sharded like the params)
   activation_bytes      everything else the update step needs at its peak: layer inputs kept for the backward pass,
                         one layer's recomputation, attention blocks, the log-prob chunk, the compute-dtype param copy
-  kv_cache_bytes        the sampler's KV cache: for the whole rollout (P x G rows, prompt bucket + budget slots), or
-                        with rollout.max_rows_in_flight = s > 0 the slot engine's s rows (prompt bucket + budget
-                        each) plus its refill buffers (a prefill chunk's prompt caches, the insert's prompt copies)
+  kv_cache_bytes        the sampler's KV cache for the whole rollout (P x G rows, prompt bucket + budget slots)
   rollout_params_bytes  the rollout copy of the weights (when rollout.dtype differs from model.dtype)
 
 Two phases alternate, so the peak is the larger of them: update = params + optimizer + gradients + activations +
@@ -176,8 +174,7 @@ class MemoryPlan:
     micro_rows: int
     micro_rows_per_device: int
     micro_batches: int
-    rows_in_flight: int  # rollout.max_rows_in_flight (0: the static sampler, every row at once)
-    rollout_rows: int  # rows whose cache is allocated: all P x G (bucketed), or the engine's slots
+    rollout_rows: int
     rollout_rows_per_device: int
     kv_slots: int
     attention: str
@@ -253,30 +250,17 @@ def plan(config, accelerator: str, *, devices: int = 0, compile: bool | None = N
     analytic_act = cast_bytes + gathered + analytic_activation_bytes(
         compute_cfg, micro_per_device, seq_len, sizes["tensor"], attention)
 
-    # The rollout: the static sampler's cache for every row at once (prompt bucket + the blocks decoding appends),
-    # or the slot engine's rows in flight (engine.generate's shapes).
-    shards = sizes["data"] * sizes["fsdp"]
-    prompt_bucket = sampling.bucket(config.plan.prompt_tokens, minimum=16)
-    in_flight = int(config.rollout.get("max_rows_in_flight", 0))
+    # The rollout: the sampler's cache for every row at once (prompt bucket + the blocks decoding appends).
+    prompts = sampling.bucket(config.rollout.prompts_per_step,
+                              multiple=sizes["data"] * sizes["fsdp"])
+    rollout_rows = prompts * config.rollout.samples_per_prompt
+    slots = sampling.bucket(config.plan.prompt_tokens, minimum=16) + sum(
+        sampling.decode_blocks_for(config.rollout.budget, config.rollout.decode_blocks))
     rollout_dtype = rollout_cfg.jnp_dtype
-
-    def kv_bytes(rows_, slots_):
-        k_shape = (rows_, cfg.num_kv_heads, cfg.head_dim, slots_)
-        shard = NamedSharding(mesh, sharding.kv_cache_spec(k_shape, mesh)).shard_shape(k_shape)
-        return 2 * cfg.num_layers * math.prod(shard) * jnp.dtype(rollout_dtype).itemsize, shard[0]
-
-    if in_flight > 0:
-        rollout_rows = min(-(-in_flight // shards) * shards, sampling.bucket(rows, multiple=shards))
-        slots = prompt_bucket + config.rollout.budget
-        kv_cache_bytes, rollout_rows_per_device = kv_bytes(rollout_rows, slots)
-        prefill_batch = min(sampling.bucket(-(-rollout_rows // config.rollout.samples_per_prompt), multiple=shards),
-                            sampling.bucket(config.rollout.prompts_per_step, multiple=shards))
-        kv_cache_bytes += kv_bytes(prefill_batch, prompt_bucket)[0] + kv_bytes(rollout_rows, prompt_bucket)[0]
-    else:
-        rollout_rows = sampling.bucket(config.rollout.prompts_per_step, multiple=shards) * \
-            config.rollout.samples_per_prompt
-        slots = prompt_bucket + sum(sampling.decode_blocks_for(config.rollout.budget, config.rollout.decode_blocks))
-        kv_cache_bytes, rollout_rows_per_device = kv_bytes(rollout_rows, slots)
+    k_shape = (rollout_rows, cfg.num_kv_heads, cfg.head_dim, slots)
+    kv_shard = NamedSharding(mesh, sharding.kv_cache_spec(k_shape, mesh)).shard_shape(k_shape)
+    kv_cache_bytes = 2 * cfg.num_layers * math.prod(kv_shard) * jnp.dtype(rollout_dtype).itemsize
+    rollout_rows_per_device = kv_shard[0]
     rollout_params_bytes = 0 if rollout_cfg.dtype == cfg.dtype else (
         params_bytes * jnp.dtype(rollout_dtype).itemsize // master.itemsize)
     # Per row: the decode step's float32 logits (and their top-p sort / softmax), tokens and log-probs.
@@ -304,8 +288,7 @@ def plan(config, accelerator: str, *, devices: int = 0, compile: bool | None = N
     return MemoryPlan(
         accelerator=accelerator, devices=devices, mesh=sizes, mesh_note=mesh_note, seq_len=seq_len,
         micro_rows=micro, micro_rows_per_device=micro_per_device, micro_batches=mini // micro,
-        rows_in_flight=in_flight, rollout_rows=rollout_rows, rollout_rows_per_device=rollout_rows_per_device,
-        kv_slots=slots,
+        rollout_rows=rollout_rows, rollout_rows_per_device=rollout_rows_per_device, kv_slots=slots,
         attention=attention,
         logprob_chunk=compute_cfg.logprob_chunk, remat=compute_cfg.remat, compute_dtype=compute_cfg.dtype,
         params_bytes=params_bytes, optimizer_bytes=optimizer_bytes, gradient_bytes=gradient_bytes,
@@ -426,14 +409,10 @@ def recommend(config, accelerator: str, devices: int = 0) -> MemoryPlan | None:
     best = None
     for sizes in _candidate_meshes(devices):
         shards = sizes["data"] * sizes["fsdp"]
-        in_flight = recommend_rows_in_flight(config, accelerator, sizes, devices)
-        if in_flight is None:
-            continue
         for micro in (m for m in range(shards, mini + 1, shards) if mini % m == 0):
             trial = config.copy_and_resolve_references()
             trial.mesh.data, trial.mesh.fsdp, trial.mesh.tensor = sizes["data"], sizes["fsdp"], sizes["tensor"]
             trial.train.micro_batch_size = micro
-            trial.rollout.max_rows_in_flight = in_flight
             candidate = plan(trial, accelerator, devices=devices, compile=False)
             if candidate.rollout_bytes > candidate.usable_bytes_per_device:
                 break  # the rollout (exact shapes) does not fit this mesh whatever the micro-batch
@@ -443,26 +422,6 @@ def recommend(config, accelerator: str, devices: int = 0) -> MemoryPlan | None:
             if best is None or rank(candidate) > rank(best):
                 best = candidate
     return best
-
-
-def recommend_rows_in_flight(config, accelerator: str, sizes: dict[str, int], devices: int = 0) -> int | None:
-    """rollout.max_rows_in_flight for this mesh: the configured value if set; else 0 (the static sampler) when
-    every row fits at once; else the largest power of two x the mesh's batch shards whose rollout fits the usable
-    memory (None if not even one row per shard does)."""
-    configured = int(config.rollout.get("max_rows_in_flight", 0))
-    rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
-    shards = sizes["data"] * sizes["fsdp"]
-    trial = config.copy_and_resolve_references()
-    trial.mesh.data, trial.mesh.fsdp, trial.mesh.tensor = sizes["data"], sizes["fsdp"], sizes["tensor"]
-    trial.train.micro_batch_size = config.train.mini_batch_size or rows  # the rollout does not depend on it
-    candidates = [configured] if configured else [0] + [
-        shards * 2**i for i in reversed(range(max(1, rows // shards).bit_length())) if shards * 2**i < rows]
-    for in_flight in candidates:
-        trial.rollout.max_rows_in_flight = in_flight
-        p = plan(trial, accelerator, devices=devices, compile=False)
-        if p.rollout_bytes <= p.usable_bytes_per_device:
-            return in_flight
-    return None
 
 
 def run_plan(config) -> dict[str, Any]:
@@ -493,7 +452,7 @@ def run_plan(config) -> dict[str, Any]:
             print(f"  {name}: " + ("nothing fits (see kv / rollout)" if p is None else
                                    f"--config.mesh.data={p.mesh['data']} --config.mesh.fsdp={p.mesh['fsdp']} "
                                    f"--config.mesh.tensor={p.mesh['tensor']} --config.train.micro_batch_size="
-                                   f"{p.micro_rows} --config.rollout.max_rows_in_flight={p.rows_in_flight}"))
+                                   f"{p.micro_rows}"))
     selected = plan(config, accelerator, devices=devices)
     print(f"\n{accelerator} ({ACCELERATORS[accelerator].note}, {devices} devices, mesh {selected.mesh}: "
           f"{selected.mesh_note}):")

@@ -63,7 +63,6 @@ class SamplingState:
     temperature: jax.Array  # [r] float32
     top_p: jax.Array  # [r] float32
     top_k: jax.Array  # [r] int32, 0 = off
-    budget: jax.Array  # [r] int32: the row ends (truncated) after this many tokens, <= max_new_tokens
     eos_ids: jax.Array  # [e] int32, -1 = unused slot (traced: another tokenizer's ids never recompile)
     pad_id: jax.Array  # [] int32
     cache: transformer.KVCache
@@ -111,16 +110,8 @@ def _greedy(logits_bv):
     return token_b, -jnp.log(jnp.sum(jnp.exp(logits_bv - max_b[:, None]), axis=-1))
 
 
-def _categorical(rng, logits_bv):
-    """One draw per row: from one key for the whole batch, or from each row's own key (rng of shape [b])."""
-    if rng.ndim == 0:
-        return jax.random.categorical(rng, logits_bv, axis=-1)
-    return jax.vmap(functools.partial(jax.random.categorical, axis=-1))(rng, logits_bv)
-
-
 def choose_tokens(logits_bv, rng, temperature_b, top_p_b, top_k_b):
-    """Samples one token per row; returns (tokens [b] int32, their log-probs [b] float32). rng: one key, or one
-    key per row (then a row's draw depends on its key alone, not on the batch it sits in)."""
+    """Samples one token per row; returns (tokens [b] int32, their log-probs [b] float32)."""
     logits_bv = logits_bv.astype(jnp.float32)
     greedy_b = temperature_b <= 0
     needs_filter = jnp.any(~greedy_b & ((top_p_b < 1.0) | (top_k_b > 0)))
@@ -130,18 +121,12 @@ def choose_tokens(logits_bv, rng, temperature_b, top_p_b, top_k_b):
 
     def filtered(_):
         sorted_bv, order_bv = _filtered_sorted_logits(scaled(), top_p_b, top_k_b)
-        if rng.ndim == 0:
-            choice_b = _categorical(rng, sorted_bv)
-            return jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0], _logprob_of(sorted_bv, choice_b)
-        # Per-row keys: draw in vocabulary order, so an unfiltered row draws the same token here as in `unfiltered`
-        # (which branch runs depends on the other rows in the batch).
-        filtered_bv = jnp.put_along_axis(sorted_bv, order_bv, sorted_bv, axis=-1, inplace=False)
-        token_b = _categorical(rng, filtered_bv)
-        return token_b, _logprob_of(filtered_bv, token_b)
+        choice_b = jax.random.categorical(rng, sorted_bv, axis=-1)
+        return jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0], _logprob_of(sorted_bv, choice_b)
 
     def unfiltered(_):
         scaled_bv = scaled()
-        token_b = _categorical(rng, scaled_bv)
+        token_b = jax.random.categorical(rng, scaled_bv, axis=-1)
         return token_b, _logprob_of(scaled_bv, token_b)
 
     greedy_token_b, greedy_logprob_b = _greedy(logits_bv)
@@ -168,13 +153,13 @@ def _record(state: SamplingState, token_b, logprob_b) -> SamplingState:
         last_token=token_b,
         lengths=state.lengths + (~state.done).astype(jnp.int32),
         hit_eos=state.hit_eos | is_eos_b,
-        done=state.done | is_eos_b | (state.lengths + 1 >= state.budget),
+        done=state.done | is_eos_b,
         step=state.step + 1,
     )
 
 
 def _prefill(cfg: ModelConfig, params, prompt_bp, prompt_mask_bp, row_is_real_r, rng, temperature_r, top_p_r, top_k_r,
-             budget_r, eos_ids, pad_id, *, num_samples: int, max_new_tokens: int) -> SamplingState:
+             eos_ids, pad_id, *, num_samples: int, max_new_tokens: int) -> SamplingState:
     TRACE_COUNTS["prefill"] += 1
     b, p = prompt_bp.shape
     cache = transformer.KVCache.init(cfg, b, p)  # the prompt's block; decoding appends its own blocks
@@ -198,7 +183,7 @@ def _prefill(cfg: ModelConfig, params, prompt_bp, prompt_mask_bp, row_is_real_r,
         lengths=jnp.zeros((rows,), jnp.int32),
         step=jnp.zeros((), jnp.int32),
         rng=rng,
-        temperature=temperature_r, top_p=top_p_r, top_k=top_k_r, budget=budget_r,
+        temperature=temperature_r, top_p=top_p_r, top_k=top_k_r,
         eos_ids=eos_ids, pad_id=pad_id,
         cache=cache,
     )
@@ -254,7 +239,7 @@ def _state_shardings(mesh: Mesh, cfg: ModelConfig, rows: int, block_sizes: tuple
     return SamplingState(
         tokens=row(2), logprobs=row(2), last_token=row(1), next_position=row(1), done=row(1), hit_eos=row(1),
         lengths=row(1), step=replicated, rng=replicated, temperature=row(1), top_p=row(1), top_k=row(1),
-        budget=row(1), eos_ids=replicated, pad_id=replicated,
+        eos_ids=replicated, pad_id=replicated,
         cache=transformer.KVCache(k=blocks, v=blocks, valid=(row(2),) * len(block_sizes), index=replicated),
     )
 
@@ -271,7 +256,7 @@ def _prefill_program(cfg: ModelConfig, num_samples: int, max_new_tokens: int, me
     prompt = sharding_lib.batch_sharding(mesh, 2, batch)
     row = sharding_lib.batch_sharding(mesh, 1, rows)
     replicated = NamedSharding(mesh, P())
-    return jax.jit(prefill, in_shardings=(param_shardings_key.tree, prompt, prompt, row, replicated, row, row, row, row,
+    return jax.jit(prefill, in_shardings=(param_shardings_key.tree, prompt, prompt, row, replicated, row, row, row,
                                           replicated, replicated),
                    out_shardings=_state_shardings(mesh, cfg, rows, (prompt_len,)))
 
@@ -321,7 +306,7 @@ def _per_row(value, count: int, name: str, dtype) -> np.ndarray:
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature=0.0, top_p=1.0, top_k=0, eos_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
              num_samples: int = 1, mesh: Mesh | None = None, min_prompt_bucket: int = 16,
-             decode_blocks: int = 4, max_rows_in_flight: int = 0, budgets=None) -> SampleOutput:
+             decode_blocks: int = 4) -> SampleOutput:
     """Samples `num_samples` continuations of each prompt (a list of token-id lists of any lengths).
 
     temperature / top_p / top_k: a scalar or one value per prompt (traced; never recompiles). eos_ids: every id that
@@ -330,12 +315,6 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     many blocks as decoding proceeds, so attention reads only the slots filled so far, not the whole budget
     (`decode_blocks_for`); each block is its own compiled segment of the decode loop, and blocks after the step at
     which every row ended are never run. 1 = one block of the whole budget (fewest compilations).
-
-    budgets: None, or one value per prompt <= max_new_tokens: that prompt's rows end (truncated) after so many tokens
-    (benchmarks force heavy-tailed lengths with it). max_rows_in_flight: 0 decodes every row at once (this module's static sampler); s > 0 runs the continuous-
-    batching slot engine (`engine`) with at most s rows in flight, refilling a slot when its row ends: memory follows
-    s, not prompts x samples. Its random stream is per row, so sampled tokens differ from the static sampler's
-    (greedy ones do not) and do not depend on s.
     """
     if not prompts:
         raise ValueError("prompts: need at least one prompt")
@@ -364,16 +343,12 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     top_k_p = _per_row(top_k, num_prompts, "top_k", np.int32)
     if np.any(temperature_p < 0) or np.any((top_p_p <= 0) | (top_p_p > 1)) or np.any(top_k_p < 0):
         raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0 (0 = off)")
-    budget_p = _per_row(max_new_tokens if budgets is None else budgets, num_prompts, "budgets", np.int32)
-    if np.any((budget_p < 1) | (budget_p > max_new_tokens)):
-        raise ValueError(f"budgets must lie in [1, max_new_tokens={max_new_tokens}]")
 
     def per_row(per_prompt, fill):  # padding prompts get neutral knobs; then one entry per sample
         return np.repeat(np.concatenate([per_prompt, np.full((batch - num_prompts,), fill, per_prompt.dtype)]),
                          num_samples)
 
     temperature_r, top_p_r, top_k_r = per_row(temperature_p, 0), per_row(top_p_p, 1), per_row(top_k_p, 0)
-    budget_r = per_row(budget_p, max_new_tokens)
     row_is_real_r = np.repeat(np.arange(batch) < num_prompts, num_samples)
 
     if len(eos_ids) > MAX_EOS_IDS:
@@ -381,13 +356,6 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     eos_array = np.full((MAX_EOS_IDS,), -1, np.int32)
     eos_array[:len(eos_ids)] = list(eos_ids)
 
-    if max_rows_in_flight > 0:
-        from bcr_jax import engine  # imports this module
-
-        return engine.generate(cfg, params, prompts, max_new_tokens=max_new_tokens, slots=max_rows_in_flight,
-                               temperature_p=temperature_p, top_p_p=top_p_p, top_k_p=top_k_p, budget_p=budget_p,
-                               eos_array=eos_array,
-                               pad_id=pad_id, seed=seed, num_samples=num_samples, mesh=mesh, prompt_len=prompt_len)
     shardings_key = None if mesh is None else _HashableTree(jax.tree.map(lambda x: x.sharding, params))
 
     def placement(*bucket):  # without a mesh, one jitted program serves every bucket (jax.jit caches by shape)
@@ -400,10 +368,10 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
         prompt_sh, row_sh = (sharding_lib.batch_sharding(mesh, rank, rows) for rank, rows in
                              ((2, batch), (1, batch * num_samples)))
         prompt_bp, mask_bp = distributed.put(prompt_bp, prompt_sh), distributed.put(mask_bp, prompt_sh)
-        row_is_real_r, temperature_r, top_p_r, top_k_r, budget_r = (
-            distributed.put(x, row_sh) for x in (row_is_real_r, temperature_r, top_p_r, top_k_r, budget_r))
+        row_is_real_r, temperature_r, top_p_r, top_k_r = (distributed.put(x, row_sh) for x in
+                                                          (row_is_real_r, temperature_r, top_p_r, top_k_r))
     state = prefill(params, prompt_bp, mask_bp, row_is_real_r, jax.random.key(seed), temperature_r, top_p_r, top_k_r,
-                    budget_r, eos_array, np.int32(pad_id))
+                    eos_array, np.int32(pad_id))
     block_sizes = (prompt_len,)
     for block_slots in decode_blocks_for(max_new_tokens, decode_blocks):
         if bool(jax.device_get(jnp.all(state.done))):  # every row ended: skip the remaining blocks

@@ -263,7 +263,6 @@ def validate(config) -> None:
     need(rollout.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
     need(rollout.samples_per_prompt >= 2, "rollout.samples_per_prompt", "GRPO needs >= 2 samples per prompt")
     need(rollout.budget >= 1, "rollout.budget", "must be >= 1")
-    need(rollout.get("max_rows_in_flight", 0) >= 0, "rollout.max_rows_in_flight", "must be >= 0 (0 = all rows)")
     need(rollout.temperature >= 0, "rollout.temperature", "must be >= 0")
     need(rollout.dtype in ("", "float32", "bfloat16"), "rollout.dtype", f"{rollout.dtype!r}; choose '', float32 "
          "or bfloat16")
@@ -376,8 +375,7 @@ def rollout(config, cfg, params, tokenizer, groups, *, seed: int, mesh: Mesh) ->
     out = sampling.generate(cfg, params, prompts, max_new_tokens=config.rollout.budget,
                             temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                             top_k=config.rollout.top_k, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                            seed=seed, num_samples=samples, mesh=mesh, decode_blocks=config.rollout.decode_blocks,
-                            max_rows_in_flight=int(config.rollout.get("max_rows_in_flight", 0)))
+                            seed=seed, num_samples=samples, mesh=mesh, decode_blocks=config.rollout.decode_blocks)
     rows = len(prompts) * samples
     # Sequences are right-padded (prompt, response) rows, so the width only has to hold the longest one: rounded up
     # to a multiple of 64 (few compiled shapes) instead of prompt + the whole budget, which most rows never reach.

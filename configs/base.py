@@ -57,9 +57,6 @@ def get_config() -> config_dict.ConfigDict:
     config.rollout.thinking = "auto"  # chat template thinking prefix: auto | force | off
     config.rollout.require_think_close = False  # read answers only after the last </think>
     config.rollout.decode_blocks = 4  # KV cache grows in this many blocks (see sampling.generate)
-    # 0: all P x G rows decode at once (static sampler); s > 0: the slot engine, at most s rows in flight, a slot
-    # refilled when its row ends (memory follows s; `mode=plan` recommends s per accelerator)
-    config.rollout.max_rows_in_flight = 0
     config.rollout.dtype = ""  # "" = the compute dtype; bfloat16 casts a rollout copy once per step
     # DAPO's dynamic sampling (verl algorithm.filter_groups, metric seq_final_reward): groups whose advantages are all 0
     # are dropped and rounds of P fresh groups sampled until P remain; extra rounds at most max_resample_rounds (verl

@@ -77,7 +77,7 @@ class KVCache:
     k: tuple[tuple[jax.Array, ...], ...]  # blocks x layers x [b, k, h, s_block]  (layouts: see layers.attend)
     v: tuple[tuple[jax.Array, ...], ...]  # blocks x layers x [b, k, s_block, h]
     valid: tuple[jax.Array, ...]  # blocks x [b, s_block] bool
-    index: jax.Array  # [] int32, or [b] int32: one write slot per row (the slot engine)
+    index: jax.Array  # [] int32
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch_size: int, num_slots: int, dtype=None) -> "KVCache":
@@ -154,17 +154,6 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
     return jax.tree_util.tree_unflatten(treedef, [init_leaf(p, s, k) for (p, s), k in zip(leaves, keys)])
 
 
-def write_slots(buffer, update, offset, axis: int):
-    """`update` written into `buffer` from slot `offset` along `axis` (in place inside a loop). A scalar offset is
-    shared by every row; an offset of shape [b] puts each row's update at its own slot (the slot engine's rows are
-    at different lengths), lowered to one scatter."""
-    if jnp.ndim(offset) == 0:
-        return jax.lax.dynamic_update_slice(buffer, update, tuple(offset if a == axis else 0 for a in range(buffer.ndim)))
-    write_row = lambda row, new, start: jax.lax.dynamic_update_slice(
-        row, new, tuple(start if a == axis - 1 else 0 for a in range(row.ndim)))
-    return jax.vmap(write_row)(buffer, update, offset)
-
-
 def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask, kv, write_offset,
                      fresh_cache: bool, attention: str):
     """Self-attention for one layer. With a cache, `kv` is this layer's (key blocks, value blocks): this step's
@@ -189,8 +178,8 @@ def _attention_block(cfg: ModelConfig, p: Params, x_btd, cos_bth, sin_bth, mask,
         k_bkht, v_bkth = k_btkh.transpose(0, 2, 3, 1), v_btkh.transpose(0, 2, 1, 3)  # the cache layouts
         *k_before, k_last = kv[0]
         *v_before, v_last = kv[1]
-        k_last = write_slots(k_last, k_bkht.astype(k_last.dtype), write_offset, axis=3)
-        v_last = write_slots(v_last, v_bkth.astype(v_last.dtype), write_offset, axis=2)
+        k_last = jax.lax.dynamic_update_slice(k_last, k_bkht.astype(k_last.dtype), (0, 0, 0, write_offset))
+        v_last = jax.lax.dynamic_update_slice(v_last, v_bkth.astype(v_last.dtype), (0, 0, write_offset, 0))
         kv = ((*k_before, k_last), (*v_before, v_last))
     if reads_cache:
         out_btnh = layers.attend(q_btnh, kv[0], kv[1], mask)
@@ -246,17 +235,15 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt, *, positions_bt=None, i
             raise ValueError(f"forward: {t} new tokens do not fit the cache's last block ({cache.block_sizes[-1]} slots)")
         write_offset = cache.index - (cache.num_slots - cache.block_sizes[-1])  # within the last block
         *valid_before, valid_last = cache.valid
-        valid_blocks = (*valid_before, write_slots(valid_last, input_mask_bt, write_offset, axis=1))
+        valid_blocks = (*valid_before, jax.lax.dynamic_update_slice(valid_last, input_mask_bt, (0, write_offset)))
         key_valid_bs = jnp.concatenate(valid_blocks, axis=1)
     else:
         write_offset = None
     if cache is None or fresh_cache:  # the sequence attends to itself: causal + key padding, no [b, t, s] mask
         mask, attention = input_mask_bt, layers.resolve_attention(cfg.attention, t, cfg.attention_block, cfg.jnp_dtype)
     else:
-        # [b, t]: a shared write index, or one per row (`KVCache.index` of shape [b], the slot engine)
-        query_slot_bt = jnp.broadcast_to(jnp.asarray(cache.index)[..., None] + jnp.arange(t), (b, t))
-        key_slot_s = jnp.arange(cache.num_slots)
-        mask = key_valid_bs[:, None, :] & (key_slot_s[None, None, :] <= query_slot_bt[:, :, None])
+        query_slot_t, key_slot_s = cache.index + jnp.arange(t), jnp.arange(cache.num_slots)
+        mask = key_valid_bs[:, None, :] & (key_slot_s[None, None, :] <= query_slot_t[None, :, None])
         attention = None
 
     x_btd = split_rows(cfg, params["embed"]["embedding"][tokens_bt].astype(cfg.jnp_dtype))
