@@ -35,7 +35,6 @@ from bcr_jax.toy import world
 
 WARM_START_DIR = pathlib.Path(__file__).resolve().parent / "warm_start"
 RUNS = ("grpo", "bcr", "length_penalty", "length_penalty_high", "bcr_segment")
-MODELS = ("warm_start",) + RUNS
 REGISTERED_EVAL_SEED = 1000  # the held-out seed the shipped results use; other seeds write beside them
 CHECK_BUCKETS = ("0", "1", "2", "3+")
 

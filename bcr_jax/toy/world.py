@@ -62,7 +62,6 @@ class Verbosity:
 
 
 VERBOSE = Verbosity()
-CONCISE = Verbosity(0.0, 0.0)
 
 
 def tokenizer() -> CharTokenizer:
